@@ -1,0 +1,123 @@
+"""The product's error codes, defined once: code, human message, retryable flag.
+
+Every failure a user can meet carries one of these codes, and the same code reaches the CLI, the
+HTTP API, the events on ``ggt.events`` and the logs.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable, documented error codes. Never rename one: other systems match on them."""
+
+    INVALID_REQUEST = "invalid_request"
+    URL_NOT_ALLOWED = "url_not_allowed"
+    UNSUPPORTED_URL = "unsupported_url"
+    NO_MEDIA_FOUND = "no_media_found"
+    MEDIA_UNAVAILABLE = "media_unavailable"
+    TOO_LONG = "too_long"
+    TOO_LARGE = "too_large"
+    LIVE_NOT_SUPPORTED = "live_not_supported"
+    CONVERSION_FAILED = "conversion_failed"
+    UPLOAD_FAILED = "upload_failed"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    VERIFICATION_FAILED = "verification_failed"
+    TIMEOUT = "timeout"
+    UNDECODABLE_MESSAGE = "undecodable_message"
+    INTERNAL = "internal"
+
+
+class ErrorSpec(msgspec.Struct, frozen=True):
+    """What a code means to the person who meets it."""
+
+    message: str
+    retryable: bool
+
+
+#: code → (what happened and what to do, whether trying again can help)
+ERRORS: dict[ErrorCode, ErrorSpec] = {
+    ErrorCode.INVALID_REQUEST: ErrorSpec(
+        "The request is not valid: check the named field against docs/MESSAGES.md.", False
+    ),
+    ErrorCode.URL_NOT_ALLOWED: ErrorSpec(
+        "The URL points at an address or scheme that is not allowed; use a public http(s) URL "
+        "(operators can allow networks with GGT_ALLOW_NETWORKS).",
+        False,
+    ),
+    ErrorCode.UNSUPPORTED_URL: ErrorSpec(
+        "No extractor understands this URL; use a direct media link or a page of a supported site.", False
+    ),
+    ErrorCode.NO_MEDIA_FOUND: ErrorSpec("The page holds no audio or video that can be converted.", False),
+    ErrorCode.MEDIA_UNAVAILABLE: ErrorSpec(
+        "The media could not be fetched (removed, private, or the server refused); check the URL.", True
+    ),
+    ErrorCode.TOO_LONG: ErrorSpec(
+        "The media is longer than this service's limit; clip it with start/end or use a shorter source.",
+        False,
+    ),
+    ErrorCode.TOO_LARGE: ErrorSpec(
+        "The output would exceed the maximum file size; pick a lower quality or clip the source.", False
+    ),
+    ErrorCode.LIVE_NOT_SUPPORTED: ErrorSpec(
+        "Live streams cannot be converted; try again once the broadcast has ended.", False
+    ),
+    ErrorCode.CONVERSION_FAILED: ErrorSpec(
+        "ffmpeg could not convert the source; it may be damaged, cut off or in an unsupported codec.", False
+    ),
+    ErrorCode.UPLOAD_FAILED: ErrorSpec(
+        "Storing the file failed; the job can be retried (storage refused or dropped the upload).", True
+    ),
+    ErrorCode.STORAGE_UNAVAILABLE: ErrorSpec(
+        "Object storage did not answer; the job is retried, or can be replayed from the dead-letter queue.",
+        True,
+    ),
+    ErrorCode.VERIFICATION_FAILED: ErrorSpec(
+        "The stored file did not match what was produced (size, checksum, codec or duration); "
+        "it was deleted. Retry, and check the source is complete.",
+        True,
+    ),
+    ErrorCode.TIMEOUT: ErrorSpec(
+        "The job ran past its time limit and was stopped; use a shorter source or a lower quality.", False
+    ),
+    ErrorCode.UNDECODABLE_MESSAGE: ErrorSpec(
+        "The message could not be decoded; fix the publisher (see docs/MESSAGES.md). It was dead-lettered.",
+        False,
+    ),
+    ErrorCode.INTERNAL: ErrorSpec(
+        "An unexpected error; the job was dead-lettered for an operator to inspect and replay.", True
+    ),
+}
+
+
+class Error(msgspec.Struct, frozen=True, kw_only=True):
+    """A failure as data: carried in JobFailed, StepFailed and the HTTP API."""
+
+    code: ErrorCode
+    message: str
+    retryable: bool
+    detail: str = ""
+
+    @classmethod
+    def of(cls, code: ErrorCode, detail: str = "") -> Error:
+        """The error for ``code`` with its standard message; ``detail`` says what exactly happened."""
+        spec = ERRORS[code]
+        return cls(code=code, message=spec.message, retryable=spec.retryable, detail=detail[:2000])
+
+
+class JobError(Exception):
+    """Raised by actor code for a failure a user can see; the runtime turns it into events."""
+
+    def __init__(self, code: ErrorCode, detail: str = "", *, retryable: bool | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else str(code))
+        self.code = code
+        self.detail = detail
+        self.retryable = ERRORS[code].retryable if retryable is None else retryable
+
+    def to_error(self) -> Error:
+        """This failure as a wire value."""
+        spec = ERRORS[self.code]
+        return Error(code=self.code, message=spec.message, retryable=self.retryable, detail=self.detail[:2000])

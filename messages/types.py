@@ -1,0 +1,360 @@
+"""Every message of the flow, as frozen msgspec Structs tagged by ``type``.
+
+The wire contract *is* these types: the JSON Schema (``getgoodtape schema``) is generated from
+them. Public messages: ConvertRequested (in), JobProgress / JobCompleted / JobFailed (out).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+from messages.errors import Error
+
+# ---------------------------------------------------------------------------------------- scalars
+
+#: A job id: client-supplied or generated; safe in object keys, routing keys and URLs.
+JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$", description="job id")]
+#: A source URL as the user gave it; the scheme is checked by the coordinator, the host by the guard.
+SourceUrl = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, description="media or page URL")]
+#: A presigned URL handed to an actor that holds no credentials.
+SignedUrl = Annotated[str, msgspec.Meta(min_length=8, max_length=8192)]
+ObjectKey = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+ShortText = Annotated[str, msgspec.Meta(max_length=1024)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=7 * 24 * 3600)]
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ByteCount = Annotated[int, msgspec.Meta(ge=0)]
+#: A queue name to send the final event to (AMQP reply-to convention, default exchange).
+ReplyTo = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:-]+$")]
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+
+#: Most part URLs one StreamToStorage may carry; the part size grows to fit the size cap instead.
+MAX_PART_URLS = 256
+
+
+class Format(enum.StrEnum):
+    """Output formats."""
+
+    MP3 = "mp3"
+    M4A = "m4a"
+    OPUS = "opus"
+    FLAC = "flac"
+    WAV = "wav"
+    MP4 = "mp4"
+    WEBM = "webm"
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the output carries a video stream."""
+        return self in (Format.MP4, Format.WEBM)
+
+
+class Quality(enum.StrEnum):
+    """Audio bitrates in kbit/s, video maximum heights in pixels, or ``best``.
+
+    Which values fit which format is decided by ``messages.rules.allowed_qualities``.
+    """
+
+    K64 = "64"
+    K96 = "96"
+    K128 = "128"
+    K160 = "160"
+    K192 = "192"
+    K256 = "256"
+    K320 = "320"
+    P360 = "360"
+    P480 = "480"
+    P720 = "720"
+    P1080 = "1080"
+    BEST = "best"
+
+
+class Stage(enum.StrEnum):
+    """Where a job is. Progress: preparing 0–35 %, converting/uploading 35–80 %, verifying 80–100 %."""
+
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    CONVERTING = "converting"
+    VERIFYING = "verifying"
+    FINISHING = "finishing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class UploadMode(enum.StrEnum):
+    """How the uploader sends ffmpeg's output to storage."""
+
+    #: one PUT with Content-Length when the output fits the first part buffer, else multipart
+    AUTO = "auto"
+    #: one PUT with chunked transfer encoding; refused by S3, R2 and MinIO
+    CHUNKED = "chunked"
+
+
+class InputVia(enum.StrEnum):
+    """How ffmpeg reads an input."""
+
+    #: ffmpeg opens the URL itself (http(s), HLS)
+    FFMPEG = "ffmpeg"
+    #: yt-dlp downloads and writes into a pipe feeding ffmpeg's stdin (fragmented DASH etc.)
+    YTDLP_PIPE = "ytdlp_pipe"
+
+
+class Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Common base: frozen, keyword-only, tagged by ``type`` with the snake-case name.
+
+    Unknown fields are ignored so that a newer minor version (which only adds optional fields) still
+    decodes; wrong types, missing fields and unknown types are refused.
+    """
+
+
+# ------------------------------------------------------------------------------------ public: in
+
+
+class ConvertRequested(Base, tag="convert_requested"):
+    """Convert the media at ``url`` into ``format`` and store it; the one message other systems send.
+
+    Publish to exchange ``ggt.commands`` with routing key ``convert``; see docs/MESSAGES.md.
+    """
+
+    url: SourceUrl
+    format: Format
+    #: bitrate (kbit/s) for audio, maximum height for video, or best; default depends on the format
+    quality: Quality | None = None
+    #: client-chosen job id; a second request with the same id is the same job
+    job_id: JobId | None = None
+    #: alternative to job_id: requests with the same key are the same job
+    idempotency_key: IdempotencyKey | None = None
+    #: clip start and end, in seconds of the source
+    start: Seconds | None = None
+    end: Seconds | None = None
+    #: write title / artist / date / source URL tags into the file
+    embed_metadata: bool = True
+    #: embed the source's thumbnail as cover art (mp3, m4a)
+    embed_thumbnail: bool = True
+    #: also publish the final JobCompleted / JobFailed to this queue (default exchange)
+    reply_to: ReplyTo | None = None
+    #: download a playlist's first entry instead of refusing playlist URLs
+    allow_playlist: bool = False
+
+
+# ----------------------------------------------------------------------------------- public: out
+
+
+class JobProgress(Base, tag="job_progress"):
+    """Progress of one job, at most twice a second per job."""
+
+    job_id: JobId
+    stage: Stage
+    percent: Percent
+    detail: ShortText = ""
+    bytes_stored: ByteCount = 0
+
+
+class JobCompleted(Base, tag="job_completed"):
+    """The job's file is stored and verified; ``download_url`` is valid until ``expires_at``."""
+
+    job_id: JobId
+    download_url: SignedUrl
+    expires_at: str
+    key: ObjectKey
+    format: Format
+    quality: Quality
+    content_type: str
+    size: ByteCount
+    sha256: Sha256Hex
+    duration: Seconds
+    title: ShortText = ""
+    #: seconds spent in each stage (preparing, converting, verifying, finishing, total)
+    timings: dict[str, float] = {}
+
+
+class JobFailed(Base, tag="job_failed"):
+    """The job failed; ``error.code`` says why, ``error.retryable`` whether trying again can help."""
+
+    job_id: JobId
+    error: Error
+    stage: Stage
+
+
+# ------------------------------------------------------------------------------------ internal
+
+
+class MediaInput(Base, tag="media_input"):
+    """One input of the ffmpeg plan."""
+
+    url: SignedUrl
+    via: InputVia = InputVia.FFMPEG
+    #: HTTP headers yt-dlp says the site needs (User-Agent, Cookie, Referer …)
+    headers: dict[str, str] = {}
+    #: what ffmpeg should take from this input
+    kind: Annotated[str, msgspec.Meta(pattern=r"^(av|audio|video)$")] = "av"
+
+
+class MediaPlan(Base, tag="media_plan"):
+    """What the converter decided: inputs, the ffmpeg arguments, and what to expect of the output."""
+
+    inputs: list[MediaInput]
+    #: ffmpeg arguments after the inputs: maps, codecs, filters, metadata, muxer options (no output)
+    output_args: list[str]
+    #: arguments before each input (seek, headers), one list per input
+    input_args: list[list[str]]
+    format: Format
+    quality: Quality
+    content_type: str
+    extension: str
+    #: duration the output should have, in seconds
+    duration: Seconds
+    #: the most bytes this output may have (ffmpeg -fs); part URLs are presigned to cover it
+    max_bytes: ByteCount
+    estimated_bytes: ByteCount = 0
+    title: ShortText = ""
+    #: codec names ffprobe should find in the output, e.g. {"audio": "mp3"}
+    expect_codecs: dict[str, str] = {}
+    thumbnail_url: SignedUrl | None = None
+
+
+class PartUpload(Base, tag="part_upload"):
+    """A presigned multipart upload: the uploader PUTs parts 1..N to ``part_urls``."""
+
+    upload_id: str
+    part_size: ByteCount
+    part_urls: Annotated[list[SignedUrl], msgspec.Meta(max_length=MAX_PART_URLS)]
+    #: presigned AbortMultipartUpload, used by the uploader when it fails or is cancelled
+    abort_url: SignedUrl
+
+
+class UploadTarget(Base, tag="upload_target"):
+    """Where the uploader puts the output, all through presigned URLs."""
+
+    key: ObjectKey
+    content_type: str
+    #: presigned single PUT (Content-Type signed): used when the output fits one part buffer
+    put_url: SignedUrl
+    mode: UploadMode = UploadMode.AUTO
+    multipart: PartUpload | None = None
+    #: URLs stop working at this time (ISO 8601)
+    expires_at: str = ""
+
+
+class PartETag(Base, tag="part_etag"):
+    """One stored part."""
+
+    number: Annotated[int, msgspec.Meta(ge=1, le=10000)]
+    etag: str
+    size: ByteCount
+
+
+class ResolveMedia(Base, tag="resolve_media"):
+    """Coordinator → converter: resolve ``request.url`` with yt-dlp and plan the conversion."""
+
+    job_id: JobId
+    request: ConvertRequested
+
+
+class MediaResolved(Base, tag="media_resolved"):
+    """Converter → coordinator: the plan."""
+
+    job_id: JobId
+    plan: MediaPlan
+
+
+class StreamToStorage(Base, tag="stream_to_storage"):
+    """Coordinator → uploader: run the plan and stream ffmpeg's output to ``target``."""
+
+    job_id: JobId
+    plan: MediaPlan
+    target: UploadTarget
+    #: seconds of the job's time limit left for this step
+    time_limit: Seconds
+
+
+class Streamed(Base, tag="streamed"):
+    """Uploader → coordinator: every byte is in storage (parts not yet completed for multipart)."""
+
+    job_id: JobId
+    key: ObjectKey
+    upload_mode: Annotated[str, msgspec.Meta(pattern=r"^(single|multipart|chunked)$")]
+    size: ByteCount
+    sha256: Sha256Hex
+    #: the ETag storage should report: md5 hex for one PUT, md5-of-md5s "-N" for multipart
+    etag: str
+    parts: Annotated[list[PartETag], msgspec.Meta(max_length=10000)] = []
+    upload_id: str = ""
+    #: the output duration ffmpeg reported, seconds
+    duration: Seconds = 0
+    seconds: Seconds = 0
+
+
+class VerifyObject(Base, tag="verify_object"):
+    """Coordinator → verifier: check the stored object against what was streamed."""
+
+    job_id: JobId
+    key: ObjectKey
+    size: ByteCount
+    etag: str
+    content_type: str
+    format: Format
+    duration: Seconds
+    expect_codecs: dict[str, str] = {}
+
+
+class Verified(Base, tag="verified"):
+    """Verifier → coordinator: the verdict; ``problems`` is empty when the object is good."""
+
+    job_id: JobId
+    key: ObjectKey
+    ok: bool
+    problems: list[ShortText] = []
+    duration: Seconds = 0
+
+
+class StepFailed(Base, tag="step_failed"):
+    """Any actor → coordinator: a step failed with a coded error."""
+
+    job_id: JobId
+    step: Annotated[str, msgspec.Meta(max_length=64)]
+    error: Error
+
+
+#: Every message type, for the one decoder of the union.
+Message = (
+    ConvertRequested
+    | ResolveMedia
+    | MediaResolved
+    | StreamToStorage
+    | Streamed
+    | VerifyObject
+    | Verified
+    | StepFailed
+    | JobProgress
+    | JobCompleted
+    | JobFailed
+)
+
+MESSAGE_TYPES: tuple[type[Base], ...] = (
+    ConvertRequested,
+    ResolveMedia,
+    MediaResolved,
+    StreamToStorage,
+    Streamed,
+    VerifyObject,
+    Verified,
+    StepFailed,
+    JobProgress,
+    JobCompleted,
+    JobFailed,
+)
+
+PUBLIC_IN: tuple[type[Base], ...] = (ConvertRequested,)
+PUBLIC_OUT: tuple[type[Base], ...] = (JobProgress, JobCompleted, JobFailed)
+
+
+def type_name(message_type: type[Base]) -> str:
+    """The ``type`` tag of a message class (also the AMQP ``type`` property)."""
+    return message_type.__struct_config__.tag  # type: ignore[return-value]
+
+
+TYPES_BY_NAME: dict[str, type[Base]] = {type_name(t): t for t in MESSAGE_TYPES}

@@ -1,0 +1,770 @@
+"""The conversion-planning core: which ffmpeg arguments for which request. Pure functions, no I/O.
+
+The converter learns what the source is (yt-dlp, ffprobe) and fills a ``SourceInfo``;
+``plan_media`` turns request + source + limits into a ``MediaPlan`` (or a coded error);
+``ffmpeg_argv`` turns the plan into the exact argv the uploader runs. Progress math lives here too.
+
+Facts this module builds on (checked with ffmpeg 5.1, see tests/test_planning.py):
+
+- mp4/m4a on a pipe must be fragmented; audio-only m4a also needs ``-frag_duration``, otherwise
+  ffmpeg holds the whole file until the end. A fragmented m4a cannot carry cover art (the
+  picture track comes out as an unreadable video track), so cover art is mp3-only.
+- mp3 on a pipe: the ID3v2 tag size is patched by seeking back; that only works while the tag is
+  still in ffmpeg's 32 KiB output buffer. ``-flush_packets 0`` keeps it there, and the cover is
+  scaled down and re-encoded small so the tag fits.
+- VBR mp3 on a pipe has no Xing header, so mp3 is CBR (``-b:a``).
+- FLAC and WebM on a pipe carry no duration; the verifier has to count packets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+import msgspec
+
+from actors.settings import Settings
+from messages.errors import Error, ErrorCode, JobError
+from messages.types import (
+    ConvertRequested,
+    Format,
+    InputVia,
+    MediaInput,
+    MediaPlan,
+    Quality,
+    Stage,
+)
+
+# ------------------------------------------------------------------------------------- constants
+
+MiB = 1024 * 1024
+
+#: URL schemes a request may use; everything else is refused before any fetch.
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+
+#: protocols ffmpeg may use for an http(s) input; ``file`` is never allowed (playlists can name it)
+HTTP_PROTOCOLS = "http,https,tcp,tls,crypto"
+#: protocols for an HLS input: the segments and AES keys are fetched over http(s) as well
+HLS_PROTOCOLS = "hls,http,https,tcp,tls,crypto"
+#: the only protocol for an input that yt-dlp writes into ffmpeg's stdin
+PIPE_PROTOCOLS = "pipe"
+#: longest back-off ffmpeg's HTTP reconnect may reach, seconds; keeps a dead source failing fast
+RECONNECT_DELAY_MAX_S = 2
+
+#: fragmented MP4 so the file can be written to a pipe (moov first, moof per fragment)
+FRAGMENTED_MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
+#: audio-only m4a has no video keyframes to cut fragments at: cut one per second of audio (µs)
+M4A_FRAG_DURATION_US = 1_000_000
+
+#: x264 speed/quality: veryfast keeps 720p well above real time on two cores
+X264_PRESET = "veryfast"
+X264_CRF = 23
+#: VP9 constant-quality level; realtime deadline + cpu-used 8 is what makes VP9 bearable on 2 cores
+VP9_CRF = 33
+VP9_CPU_USED = 8
+#: video bitrate cap at 720p, kbit/s; other heights scale with the pixel count (height²)
+VIDEO_KBPS_AT_720 = 3000
+#: floor for the video bitrate cap, kbit/s (tiny sources still need a sane ceiling)
+VIDEO_KBPS_MIN = 500
+#: the audio track of an mp4 (AAC) and of a webm (Opus), kbit/s
+MP4_AUDIO_KBPS = 192
+WEBM_AUDIO_KBPS = 128
+
+#: cover art is scaled into this box and re-encoded as a small JPEG, so the ID3 tag fits ffmpeg's buffer
+COVER_BOX_PX = 300
+#: mjpeg quantiser for the cover (2 best … 31 worst); 5 keeps a 300 px picture at ~10–15 KiB
+COVER_QSCALE = 5
+#: bytes the cover art may add to the output estimate
+COVER_ALLOWANCE_BYTES = 64 * 1024
+
+#: max_bytes = estimate × SAFETY_MARGIN + SLACK_BYTES (capped at the limit); covers VBR and muxing overhead
+SAFETY_MARGIN = 1.25
+SLACK_BYTES = 2 * MiB
+#: the cap ``-t`` puts on an unclipped source: its duration × this + CAP_SLACK_S (a source may lie)
+DURATION_CAP_FACTOR = 1.05
+DURATION_CAP_SLACK_S = 5.0
+#: FLAC output relative to 16-bit PCM (music compresses to 50–70 %; noise hardly at all → generous)
+FLAC_RATIO = 0.75
+#: sample rate and channels assumed for PCM/FLAC estimates when the source does not say
+DEFAULT_SAMPLE_RATE = 48_000
+DEFAULT_CHANNELS = 2
+
+#: longest text written into a metadata tag
+MAX_TAG_CHARS = 1024
+
+
+class Muxer(msgspec.Struct, frozen=True):
+    """How one output format is written: ffmpeg muxer, MIME type, file extension."""
+
+    name: str
+    content_type: str
+    extension: str
+
+
+MUXERS: dict[Format, Muxer] = {
+    Format.MP3: Muxer("mp3", "audio/mpeg", "mp3"),
+    Format.M4A: Muxer("ipod", "audio/mp4", "m4a"),
+    Format.OPUS: Muxer("opus", "audio/ogg", "opus"),
+    Format.FLAC: Muxer("flac", "audio/flac", "flac"),
+    Format.WAV: Muxer("wav", "audio/wav", "wav"),
+    Format.MP4: Muxer("mp4", "video/mp4", "mp4"),
+    Format.WEBM: Muxer("webm", "video/webm", "webm"),
+}
+
+#: qualities each format accepts, default first-class in DEFAULT_QUALITY
+ALLOWED_QUALITIES: dict[Format, tuple[Quality, ...]] = {
+    Format.MP3: (Quality.K128, Quality.K192, Quality.K320, Quality.BEST),
+    Format.M4A: (Quality.K128, Quality.K192, Quality.K256, Quality.BEST),
+    Format.OPUS: (Quality.K64, Quality.K96, Quality.K128, Quality.K160, Quality.BEST),
+    Format.FLAC: (Quality.BEST,),
+    Format.WAV: (Quality.BEST,),
+    Format.MP4: (Quality.P360, Quality.P480, Quality.P720, Quality.P1080, Quality.BEST),
+    Format.WEBM: (Quality.P360, Quality.P480, Quality.P720, Quality.P1080, Quality.BEST),
+}
+
+DEFAULT_QUALITY: dict[Format, Quality] = {
+    Format.MP3: Quality.K192,
+    Format.M4A: Quality.K192,
+    Format.OPUS: Quality.K128,
+    Format.FLAC: Quality.BEST,
+    Format.WAV: Quality.BEST,
+    Format.MP4: Quality.P720,
+    Format.WEBM: Quality.P720,
+}
+
+
+class Codecs(msgspec.Struct, frozen=True):
+    """The codecs of one output format: ffprobe names, the encoder, and what may be stream-copied."""
+
+    audio: str
+    audio_encoder: str
+    #: source audio codecs that go into this container unchanged when quality is best
+    audio_copyable: frozenset[str]
+    video: str = ""
+    video_encoder: str = ""
+    video_copyable: frozenset[str] = frozenset()
+
+
+CODECS: dict[Format, Codecs] = {
+    Format.MP3: Codecs("mp3", "libmp3lame", frozenset({"mp3"})),
+    Format.M4A: Codecs("aac", "aac", frozenset({"aac"})),
+    Format.OPUS: Codecs("opus", "libopus", frozenset({"opus"})),
+    Format.FLAC: Codecs("flac", "flac", frozenset({"flac"})),
+    Format.WAV: Codecs("pcm_s16le", "pcm_s16le", frozenset({"pcm_s16le"})),
+    Format.MP4: Codecs("aac", "aac", frozenset({"aac"}), "h264", "libx264", frozenset({"h264"})),
+    Format.WEBM: Codecs("opus", "libopus", frozenset({"opus"}), "vp9", "libvpx-vp9", frozenset({"vp9"})),
+}
+
+# --------------------------------------------------------------------------------- source, limits
+
+
+class SourceInput(msgspec.Struct, frozen=True, kw_only=True):
+    """One stream source the converter found: a URL ffmpeg opens, or a yt-dlp pipe."""
+
+    url: str
+    headers: dict[str, str] = {}
+    #: what this input carries: "av", "audio" or "video"
+    kind: str = "av"
+    via: InputVia = InputVia.FFMPEG
+    #: yt-dlp's protocol name (https, http, m3u8_native, m3u8 …); m3u8* selects the HLS whitelist
+    protocol: str = "https"
+
+    @property
+    def is_hls(self) -> bool:
+        """Whether ffmpeg reads this input as an HLS playlist."""
+        return self.protocol.startswith("m3u8") or urlsplit(self.url).path.endswith(".m3u8")
+
+
+class SourceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the converter learned about the source from yt-dlp and ffprobe.
+
+    Codec names are ffprobe's (h264, vp9, aac, opus, mp3 …): pass yt-dlp's through ``codec_name``.
+    ``None`` means unknown; ``has_audio`` / ``has_video`` say whether such a stream exists at all.
+    Bitrates are kbit/s.
+    """
+
+    inputs: list[SourceInput]
+    duration: float | None = None
+    is_live: bool = False
+    title: str = ""
+    artist: str = ""
+    #: yt-dlp's upload_date, YYYYMMDD (or already YYYY-MM-DD)
+    upload_date: str = ""
+    webpage_url: str = ""
+    thumbnail_url: str | None = None
+    has_audio: bool = True
+    has_video: bool = True
+    audio_codec: str | None = None
+    video_codec: str | None = None
+    height: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    tbr: float | None = None
+    abr: float | None = None
+    vbr: float | None = None
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """The limits a plan must respect."""
+
+    max_duration: float
+    max_output_bytes: int
+    network_timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits configured in ``settings``."""
+        return cls(
+            max_duration=settings.max_duration,
+            max_output_bytes=settings.max_output_bytes,
+            network_timeout=settings.network_timeout,
+        )
+
+
+# ----------------------------------------------------------------------------------- qualities
+
+
+def allowed_qualities(fmt: Format) -> tuple[Quality, ...]:
+    """The qualities ``fmt`` accepts: bitrates for lossy audio, maximum heights for video, best."""
+    return ALLOWED_QUALITIES[fmt]
+
+
+def default_quality(fmt: Format) -> Quality:
+    """The quality used when a request names none."""
+    return DEFAULT_QUALITY[fmt]
+
+
+def resolved_quality(request: ConvertRequested) -> Quality:
+    """The request's quality, or the format's default."""
+    return request.quality if request.quality is not None else default_quality(request.format)
+
+
+def validate_request(req: ConvertRequested, *, max_duration: float) -> Error | None:
+    """The first problem with ``req`` that needs no network to find, or None.
+
+    URL: no scheme or no host (``example.com/x``, ``http:///x``) is ``invalid_request``; a scheme other
+    than http/https (``file://``, ``ftp://``, ``data:``) is ``unsupported_url``. Quality not fitting the
+    format and ``end <= start`` are ``invalid_request``; a clip longer than ``max_duration`` is ``too_long``.
+    """
+    try:
+        parts = urlsplit(req.url.strip())
+    except ValueError as exc:
+        return Error.of(ErrorCode.INVALID_REQUEST, f"url: not a URL ({exc})")
+    scheme = parts.scheme.lower()
+    if not scheme:
+        return Error.of(ErrorCode.INVALID_REQUEST, "url: no scheme; use an http(s) URL")
+    if scheme not in ALLOWED_SCHEMES:
+        return Error.of(ErrorCode.UNSUPPORTED_URL, f"url: scheme {scheme!r} is not supported; use http(s)")
+    if not parts.hostname:
+        return Error.of(ErrorCode.INVALID_REQUEST, "url: no host")
+    if req.quality is not None and req.quality not in allowed_qualities(req.format):
+        allowed = ", ".join(q.value for q in allowed_qualities(req.format))
+        return Error.of(
+            ErrorCode.INVALID_REQUEST,
+            f"quality: {req.quality.value} does not fit {req.format.value}; allowed: {allowed}",
+        )
+    start = req.start or 0.0
+    if req.end is not None and req.end <= start:
+        return Error.of(ErrorCode.INVALID_REQUEST, f"end: {req.end} is not after start {start}")
+    if req.end is not None and req.end - start > max_duration:
+        return Error.of(
+            ErrorCode.TOO_LONG, f"the clip lasts {req.end - start:.0f} s; the limit is {max_duration:.0f} s"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------- codec names
+
+_CODEC_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("avc", "h264"),
+    ("h264", "h264"),
+    ("hev", "hevc"),
+    ("hvc", "hevc"),
+    ("h265", "hevc"),
+    ("vp09", "vp9"),
+    ("vp9", "vp9"),
+    ("vp8", "vp8"),
+    ("av01", "av1"),
+    ("av1", "av1"),
+    ("mp4a.40.34", "mp3"),
+    ("mp4a.6b", "mp3"),
+    ("mp4a", "aac"),
+    ("aac", "aac"),
+    ("opus", "opus"),
+    ("vorbis", "vorbis"),
+    ("mp3", "mp3"),
+    ("flac", "flac"),
+    ("ac-3", "ac3"),
+    ("ec-3", "eac3"),
+)
+
+
+def codec_name(name: str | None) -> str | None:
+    """ffprobe's name for a codec named by yt-dlp (``avc1.64001F`` → h264, ``mp4a.40.2`` → aac).
+
+    ``none`` and unknown names give None; names already in ffprobe's spelling pass through.
+    """
+    if not name:
+        return None
+    lowered = name.strip().lower()
+    if lowered in ("none", "unknown"):
+        return None
+    for prefix, canonical in _CODEC_PREFIXES:
+        if lowered.startswith(prefix):
+            return canonical
+    return lowered
+
+
+# ------------------------------------------------------------------------------------- planning
+
+
+def video_kbps_cap(height: int | None) -> int:
+    """Video bitrate ceiling for an output ``height`` pixels high, kbit/s (scales with pixel count)."""
+    h = height or 1080
+    return max(VIDEO_KBPS_MIN, round(VIDEO_KBPS_AT_720 * (h / 720) ** 2))
+
+
+def max_height(quality: Quality) -> int | None:
+    """The height limit a video quality sets; None for best."""
+    return None if quality is Quality.BEST else int(quality.value)
+
+
+def _fail(code: ErrorCode, detail: str) -> JobError:
+    return JobError(code, detail)
+
+
+def _clip(request: ConvertRequested, source: SourceInfo, limits: Limits) -> tuple[float, float | None]:
+    """(start, expected duration or None when unknown) after clipping; raises coded errors."""
+    start = request.start or 0.0
+    known = source.duration if source.duration and source.duration > 0 else None
+    if known is not None and start >= known:
+        raise _fail(
+            ErrorCode.INVALID_REQUEST, f"start: {start} is not before the source's end ({known:.1f} s)"
+        )
+    end = request.end
+    if known is not None:
+        end = known if end is None else min(end, known)
+    duration = None if end is None else end - start
+    if duration is not None and duration > limits.max_duration:
+        raise _fail(
+            ErrorCode.TOO_LONG,
+            f"the output would last {duration:.0f} s; the limit is {limits.max_duration:.0f} s",
+        )
+    return start, duration
+
+
+def _pick_input(inputs: list[SourceInput], kind: str) -> int | None:
+    """Index of the input to take ``kind`` ("audio"/"video") from: a dedicated one first, else an av one."""
+    for wanted in (kind, "av"):
+        for index, source_input in enumerate(inputs):
+            if source_input.kind == wanted:
+                return index
+    return None
+
+
+def _header_block(headers: Mapping[str, str]) -> str:
+    """HTTP headers as ffmpeg's ``-headers`` value; CR/LF inside a value would inject headers, so drop them."""
+    lines = []
+    for name, value in headers.items():
+        clean_name = "".join(ch for ch in name if ch not in "\r\n:")
+        clean_value = "".join(ch for ch in str(value) if ch not in "\r\n")
+        if clean_name:
+            lines.append(f"{clean_name}: {clean_value}\r\n")
+    return "".join(lines)
+
+
+def input_args_for(source_input: SourceInput, *, start: float, network_timeout: float) -> list[str]:
+    """Arguments before ``-i`` for one media input: protocol whitelist, timeouts, reconnect, headers, seek."""
+    if source_input.via is InputVia.YTDLP_PIPE:
+        args = ["-protocol_whitelist", PIPE_PROTOCOLS]
+    else:
+        timeout_us = str(int(network_timeout * 1_000_000))
+        if source_input.is_hls:
+            args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", timeout_us]
+        else:
+            args = [
+                "-protocol_whitelist", HTTP_PROTOCOLS,
+                "-rw_timeout", timeout_us,
+                # resume a dropped connection with a Range request; never at EOF (that can loop forever)
+                "-reconnect", "1",
+                "-reconnect_on_network_error", "1",
+                "-reconnect_delay_max", str(RECONNECT_DELAY_MAX_S),
+            ]  # fmt: skip
+        header_block = _header_block(source_input.headers)
+        if header_block:
+            args += ["-headers", header_block]
+    if start > 0:
+        # before -i: a fast seek (by byte range over http) instead of decoding up to start
+        args += ["-ss", _seconds(start)]
+    return args
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _tag_date(upload_date: str) -> str:
+    """yt-dlp's YYYYMMDD as YYYY-MM-DD (what ID3v2, MP4 and Vorbis comments expect)."""
+    if len(upload_date) == 8 and upload_date.isdigit():
+        return f"{upload_date[:4]}-{upload_date[4:6]}-{upload_date[6:]}"
+    return upload_date
+
+
+def metadata_args(*, request: ConvertRequested, source: SourceInfo) -> list[str]:
+    """``-metadata`` options for title, artist, date and comment (the source URL), when asked for."""
+    # source tags and chapters are dropped always: what the user gets is what we decided to write
+    args = ["-map_metadata", "-1", "-map_chapters", "-1"]
+    if not request.embed_metadata:
+        return args
+    tags = {
+        "title": source.title,
+        "artist": source.artist,
+        "date": _tag_date(source.upload_date),
+        "comment": source.webpage_url or request.url,
+    }
+    for key, value in tags.items():
+        value = value.replace("\x00", "").strip()[:MAX_TAG_CHARS]
+        if value:
+            args += ["-metadata", f"{key}={value}"]
+    return args
+
+
+def _audio_plan(fmt: Format, quality: Quality, source: SourceInfo) -> tuple[list[str], float | None]:
+    """(codec args for the audio stream, estimated kbit/s or None when unknown)."""
+    codecs = CODECS[fmt]
+    source_codec = codec_name(source.audio_codec)
+    if fmt.is_video:
+        if source_codec in codecs.audio_copyable:
+            return ["-c:a", "copy"], source.abr
+        kbps = MP4_AUDIO_KBPS if fmt is Format.MP4 else WEBM_AUDIO_KBPS
+        return ["-c:a", codecs.audio_encoder, "-b:a", f"{kbps}k"], float(kbps)
+    if fmt in (Format.FLAC, Format.WAV):
+        if source_codec in codecs.audio_copyable:
+            return ["-c:a", "copy"], None
+        return ["-c:a", codecs.audio_encoder], None
+    if quality is Quality.BEST and source_codec in codecs.audio_copyable:
+        return ["-c:a", "copy"], source.abr if source.abr else float(_top_kbps(fmt))
+    kbps = _top_kbps(fmt) if quality is Quality.BEST else int(quality.value)
+    # for mp3 this is CBR (libmp3lame with -b:a and no -q:a): a piped VBR mp3 misreports its duration
+    return ["-c:a", codecs.audio_encoder, "-b:a", f"{kbps}k"], float(kbps)
+
+
+def _top_kbps(fmt: Format) -> int:
+    """The highest bitrate ``fmt`` offers (used for best when the source cannot be copied)."""
+    return max(int(q.value) for q in allowed_qualities(fmt) if q is not Quality.BEST)
+
+
+def _pcm_kbps(source: SourceInfo) -> float:
+    rate = source.sample_rate or DEFAULT_SAMPLE_RATE
+    channels = source.channels or DEFAULT_CHANNELS
+    return rate * channels * 16 / 1000
+
+
+def _video_plan(
+    fmt: Format, quality: Quality, source: SourceInfo, *, clipped: bool
+) -> tuple[list[str], float | None]:
+    """(codec and filter args for the video stream, estimated kbit/s or None).
+
+    The video is copied when its codec fits the container, its known height is within the limit
+    (or quality is best) and no start is cut (a copy can only start at a keyframe); otherwise it is
+    transcoded with a bitrate cap, which also makes the size estimate an upper bound.
+    """
+    codecs = CODECS[fmt]
+    limit = max_height(quality)
+    source_codec = codec_name(source.video_codec)
+    height_fits = limit is None or (source.height is not None and source.height <= limit)
+    if source_codec in codecs.video_copyable and height_fits and not clipped:
+        known = source.vbr or (source.tbr - (source.abr or 0) if source.tbr else None)
+        if not known and source.height:
+            # unknown bitrate of a copied stream: assume twice what we would encode at that height
+            known = 2 * video_kbps_cap(source.height)
+        return ["-c:v", "copy"], known
+    out_height = limit if source.height is None else min(source.height, limit or source.height)
+    cap = video_kbps_cap(out_height)
+    if limit is None:
+        scale = "scale=-2:'2*trunc(ih/2)'"
+    else:
+        # never upscale; keep both sides even (yuv420p needs it), width follows the aspect ratio
+        scale = f"scale=-2:'2*trunc(min(ih,{limit})/2)'"
+    args = ["-vf", scale, "-pix_fmt", "yuv420p"]
+    if fmt is Format.MP4:
+        args += [
+            "-c:v", "libx264", "-preset", X264_PRESET, "-crf", str(X264_CRF),
+            "-maxrate", f"{cap}k", "-bufsize", f"{2 * cap}k",
+        ]  # fmt: skip
+    else:
+        args += [
+            "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", str(VP9_CPU_USED),
+            "-row-mt", "1", "-crf", str(VP9_CRF), "-b:v", f"{cap}k",
+        ]  # fmt: skip
+    return args, float(cap)
+
+
+def estimate_max_bytes(estimated_bytes: int | None, *, limit: int) -> int:
+    """The ``-fs`` cap: ``estimate × SAFETY_MARGIN + SLACK_BYTES``, never above ``limit``; ``limit`` if unknown."""
+    if estimated_bytes is None:
+        return limit
+    return min(limit, math.ceil(estimated_bytes * SAFETY_MARGIN) + SLACK_BYTES)
+
+
+def plan_media(*, request: ConvertRequested, source: SourceInfo, limits: Limits) -> MediaPlan:
+    """The plan for converting ``source`` as ``request`` asks, within ``limits``.
+
+    Raises JobError with live_not_supported, no_media_found, too_long, too_large or invalid_request.
+    Size estimate (kbit/s × duration / 8): CBR audio at its bitrate, copied streams at the source's
+    bitrate, transcoded video at its bitrate cap, WAV at 16-bit PCM, FLAC at ``FLAC_RATIO`` of that;
+    ``max_bytes`` = estimate × ``SAFETY_MARGIN`` + ``SLACK_BYTES``, capped at ``limits.max_output_bytes``
+    (the cap itself when the estimate is unknown). An unknown duration plans with duration 0 and caps
+    the output at ``limits.max_duration``.
+    """
+    fmt = request.format
+    quality = resolved_quality(request)
+    if quality not in allowed_qualities(fmt):
+        raise _fail(ErrorCode.INVALID_REQUEST, f"quality: {quality.value} does not fit {fmt.value}")
+    if source.is_live:
+        raise _fail(ErrorCode.LIVE_NOT_SUPPORTED, "the source is a live stream")
+    if not source.inputs:
+        raise _fail(ErrorCode.NO_MEDIA_FOUND, "the source has no playable stream")
+    audio_index = _pick_input(source.inputs, "audio") if source.has_audio else None
+    video_index = _pick_input(source.inputs, "video") if fmt.is_video and source.has_video else None
+    if fmt.is_video and video_index is None:
+        raise _fail(ErrorCode.NO_MEDIA_FOUND, f"no video stream to put into {fmt.value}")
+    if not fmt.is_video and audio_index is None:
+        raise _fail(ErrorCode.NO_MEDIA_FOUND, f"no audio stream to put into {fmt.value}")
+
+    start, duration = _clip(request, source, limits)
+    used = sorted({i for i in (audio_index, video_index) if i is not None})
+    input_of = {old: new for new, old in enumerate(used)}
+
+    output_args: list[str] = []
+    expect: dict[str, str] = {}
+    kbps_total: float | None = 0.0
+    codecs = CODECS[fmt]
+    if video_index is not None:
+        output_args += ["-map", f"{input_of[video_index]}:V:0"]
+    if audio_index is not None:
+        output_args += ["-map", f"{input_of[audio_index]}:a:0"]
+    if video_index is not None:
+        video_args, video_kbps = _video_plan(fmt, quality, source, clipped=start > 0)
+        output_args += video_args
+        expect["video"] = codecs.video
+        kbps_total = None if video_kbps is None else kbps_total + video_kbps
+    if audio_index is not None:
+        audio_args, audio_kbps = _audio_plan(fmt, quality, source)
+        output_args += audio_args
+        expect["audio"] = codecs.audio
+        if fmt in (Format.WAV, Format.FLAC):
+            audio_kbps = _pcm_kbps(source) * (FLAC_RATIO if fmt is Format.FLAC else 1.0)
+        if audio_kbps is None and fmt.is_video:
+            audio_kbps = float(MP4_AUDIO_KBPS)
+        kbps_total = None if kbps_total is None or audio_kbps is None else kbps_total + audio_kbps
+
+    inputs = [source.inputs[i] for i in used]
+    input_args = [input_args_for(i, start=start, network_timeout=limits.network_timeout) for i in inputs]
+    media_inputs = [
+        # a yt-dlp pipe input keeps its page/format URL: the uploader hands it to yt-dlp, ffmpeg reads pipe:0
+        MediaInput(url=i.url, via=i.via, headers=dict(i.headers), kind=i.kind)
+        for i in inputs
+    ]
+
+    cover = bool(request.embed_thumbnail and source.thumbnail_url and fmt is Format.MP3)
+    if cover:
+        cover_index = len(media_inputs)
+        media_inputs.append(MediaInput(url=source.thumbnail_url, kind="video"))  # type: ignore[arg-type]
+        input_args.append(
+            [
+                "-protocol_whitelist",
+                HTTP_PROTOCOLS,
+                "-rw_timeout",
+                str(int(limits.network_timeout * 1_000_000)),
+            ]
+        )
+        output_args += [
+            "-map", f"{cover_index}:v:0",
+            "-c:v", "mjpeg", "-q:v", str(COVER_QSCALE),
+            "-filter:v", f"scale=w='min({COVER_BOX_PX},iw)':h='min({COVER_BOX_PX},ih)'"
+            ":force_original_aspect_ratio=decrease",
+            "-frames:v", "1",
+            "-disposition:v", "attached_pic",
+            "-metadata:s:v", "title=Album cover", "-metadata:s:v", "comment=Cover (front)",
+        ]  # fmt: skip
+
+    output_args += metadata_args(request=request, source=source)
+
+    if duration is None:
+        cap = limits.max_duration
+    elif request.end is not None:
+        cap = duration
+    else:
+        cap = min(limits.max_duration, duration * DURATION_CAP_FACTOR + DURATION_CAP_SLACK_S)
+    estimated: int | None = None
+    if kbps_total is not None and duration is not None:
+        estimated = math.ceil(kbps_total * 1000 / 8 * duration) + (COVER_ALLOWANCE_BYTES if cover else 0)
+        if estimated > limits.max_output_bytes:
+            raise _fail(
+                ErrorCode.TOO_LARGE,
+                f"the output would be about {estimated / MiB:.0f} MiB; the limit is "
+                f"{limits.max_output_bytes / MiB:.0f} MiB",
+            )
+    max_bytes = estimate_max_bytes(estimated, limit=limits.max_output_bytes)
+    output_args += ["-t", _seconds(cap), "-fs", str(max_bytes)]
+    output_args += _muxer_args(fmt)
+
+    muxer = MUXERS[fmt]
+    return MediaPlan(
+        inputs=media_inputs,
+        output_args=output_args,
+        input_args=input_args,
+        format=fmt,
+        quality=quality,
+        content_type=muxer.content_type,
+        extension=muxer.extension,
+        duration=round(duration, 3) if duration is not None else 0.0,
+        max_bytes=max_bytes,
+        estimated_bytes=estimated or 0,
+        title=source.title[:MAX_TAG_CHARS],
+        expect_codecs=expect,
+        thumbnail_url=source.thumbnail_url if cover else None,
+    )
+
+
+def _muxer_args(fmt: Format) -> list[str]:
+    """Muxer options for writing ``fmt`` to a pipe, ending with ``-f <muxer>``."""
+    args: list[str] = []
+    if fmt in (Format.MP4, Format.M4A):
+        args += ["-movflags", FRAGMENTED_MOVFLAGS]
+    if fmt is Format.M4A:
+        args += ["-frag_duration", str(M4A_FRAG_DURATION_US)]
+    if fmt is Format.MP3:
+        # keep the ID3v2 tag in ffmpeg's buffer until its size is patched (a pipe cannot seek back)
+        args += ["-id3v2_version", "3", "-flush_packets", "0"]
+    return [*args, "-f", MUXERS[fmt].name]
+
+
+# ----------------------------------------------------------------------------------- ffmpeg argv
+
+#: flags before the inputs: quiet except errors, no keyboard on stdin, machine-readable progress
+GLOBAL_FLAGS = ("-hide_banner", "-nostdin", "-loglevel", "error", "-nostats")
+
+
+def ffmpeg_argv(plan: MediaPlan, *, progress_fd: str = "pipe:2", ffmpeg: str = "ffmpeg") -> list[str]:
+    """The full argv the uploader runs: global flags, each input, the output args, ``pipe:1``.
+
+    Progress (key=value blocks, see ``parse_progress_block``) goes to ``progress_fd``, by default
+    stderr, mixed with error lines.
+    """
+    argv = [ffmpeg, *GLOBAL_FLAGS, "-progress", progress_fd]
+    for media_input, args in zip(plan.inputs, plan.input_args, strict=True):
+        url = "pipe:0" if media_input.via is InputVia.YTDLP_PIPE else media_input.url
+        argv += [*args, "-i", url]
+    return [*argv, *plan.output_args, "pipe:1"]
+
+
+# -------------------------------------------------------------------------------------- progress
+
+#: (first, last) percent of each stage; converting is driven by ffmpeg's output time
+STAGE_SPANS: dict[Stage, tuple[float, float]] = {
+    Stage.QUEUED: (0.0, 0.0),
+    Stage.PREPARING: (0.0, 35.0),
+    Stage.CONVERTING: (35.0, 80.0),
+    Stage.VERIFYING: (80.0, 95.0),
+    Stage.FINISHING: (95.0, 100.0),
+    Stage.COMPLETED: (100.0, 100.0),
+}
+
+
+def progress_percent(stage: Stage, fraction: float) -> float:
+    """Overall percent for ``fraction`` (0..1, clamped) of ``stage``; a failed job reports 0 here."""
+    first, last = STAGE_SPANS.get(stage, (0.0, 0.0))
+    clamped = min(1.0, max(0.0, fraction)) if math.isfinite(fraction) else 0.0
+    return round(first + (last - first) * clamped, 2)
+
+
+def converting_fraction(out_time_s: float | None, duration: float) -> float:
+    """How far converting is: ffmpeg's output time over the expected duration (0 when unknown)."""
+    if out_time_s is None or duration <= 0:
+        return 0.0
+    return min(1.0, max(0.0, out_time_s / duration))
+
+
+class MonotonicProgress:
+    """Keeps reported progress from going backwards; ``update`` says whether there is news to send."""
+
+    def __init__(self) -> None:
+        self.percent = 0.0
+
+    def update(self, stage: Stage, fraction: float) -> float | None:
+        """The new percent if it is higher than the last one reported, else None."""
+        percent = progress_percent(stage, fraction)
+        if percent <= self.percent:
+            return None
+        self.percent = percent
+        return percent
+
+
+def _parse_clock(value: str) -> float | None:
+    """``HH:MM:SS.micro`` as seconds; None for N/A or garbage."""
+    try:
+        hours, minutes, seconds = value.strip().split(":")
+        total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+    return total if total >= 0 else None
+
+
+def parse_progress_block(lines: Iterable[str]) -> dict[str, str | float | int | bool | None]:
+    """One ``-progress`` block (key=value lines) as a dict; lines without ``=`` are ignored.
+
+    Adds ``out_time_s`` (seconds or None: from out_time_us, else out_time_ms — which ffmpeg also
+    writes in microseconds — else out_time), ``total_size`` as int when known, and ``end``
+    (True once ``progress=end``).
+    """
+    raw: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key and " " not in key:
+            raw[key.strip()] = value.strip()
+    block: dict[str, str | float | int | bool | None] = dict(raw)
+    out_time_s: float | None = None
+    for key in ("out_time_us", "out_time_ms"):
+        try:
+            micros = int(raw[key])
+        except (KeyError, ValueError):
+            continue
+        if micros >= 0:
+            out_time_s = micros / 1_000_000
+            break
+    if out_time_s is None and "out_time" in raw:
+        out_time_s = _parse_clock(raw["out_time"])
+    block["out_time_s"] = out_time_s
+    try:
+        block["total_size"] = int(raw["total_size"])
+    except (KeyError, ValueError):
+        block["total_size"] = None
+    block["end"] = raw.get("progress") == "end"
+    return block
+
+
+class ProgressReader:
+    """Feed ffmpeg's stderr line by line; ``feed`` returns a parsed block when one completes."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        #: lines that were not progress (ffmpeg's error messages), for the failure detail
+        self.other: list[str] = []
+
+    def feed(self, line: str) -> dict[str, str | float | int | bool | None] | None:
+        """Take one line; a block is returned when its ``progress=`` line arrives."""
+        stripped = line.strip()
+        key, sep, _ = stripped.partition("=")
+        if not sep or " " in key or not key:
+            if stripped:
+                self.other.append(stripped)
+            return None
+        self._lines.append(stripped)
+        if key != "progress":
+            return None
+        block = parse_progress_block(self._lines)
+        self._lines = []
+        return block

@@ -145,6 +145,8 @@ class Worker:
         self.bus = actor.bus
         self._handlers = actor.handlers()
         self._done: OrderedDict[str, None] = OrderedDict()
+        #: message id → set when its handling ends; a concurrent duplicate waits for it
+        self._running: dict[str, asyncio.Event] = {}
         self._rng = rng
         self.processed = 0
         #: set once the worker consumes; tests and the CLI wait on it
@@ -213,10 +215,21 @@ class Worker:
             error = Error.of(ErrorCode.UNDECODABLE_MESSAGE, f"actor {self.actor.name} has no handler for {env.type}")
             await delivery.dead_letter(actor=self.actor.name, error=error)
             return
+        while (other := self._running.get(env.message_id)) is not None:
+            await other.wait()  # the same message is being handled right now: see how that ends
         if env.message_id in self._done:
             log.info("duplicate of finished work dropped")
             await delivery.ack()
             return
+        self._running[env.message_id] = finished = asyncio.Event()
+        try:
+            await self._run_handler(handler, message, delivery, ctx)
+        finally:
+            del self._running[env.message_id]
+            finished.set()
+
+    async def _run_handler(self, handler: HandlerFn, message: Base, delivery: Delivery, ctx: Context) -> None:
+        env = delivery.envelope
         limit = self.actor.time_limit(message)
         try:
             async with asyncio.timeout(limit) as deadline:

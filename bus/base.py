@@ -25,6 +25,7 @@ from messages.codec import (
     H_FIRST_FAILURE,
     H_ORIGIN_EXCHANGE,
     H_ORIGIN_ROUTING_KEY,
+    H_RETRY_DELAY_MS,
     Envelope,
     encode,
     envelope_for,
@@ -104,6 +105,7 @@ class Delivery(abc.ABC):
         tier = retry_tier(delay, self._tiers())
         headers = self._failure_headers(actor, error)
         headers[H_ATTEMPT] = self.envelope.attempt + 1
+        headers[H_RETRY_DELAY_MS] = round(delay * 1000)
         await self._publish_copy(retry_exchange(tier), f"actor.{actor}", headers, expiration=min(delay, tier))
         await self.ack()
 

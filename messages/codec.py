@@ -22,6 +22,7 @@ MAX_BODY_BYTES = 1024 * 1024
 H_SCHEMA = "ggt-schema"
 H_ATTEMPT = "ggt-attempt"
 H_REPLAYS = "ggt-replays"
+H_RETRY_DELAY_MS = "ggt-retry-delay-ms"
 H_ERROR_CODE = "ggt-error-code"
 H_ERROR_MESSAGE = "ggt-error-message"
 H_ACTOR = "ggt-actor"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -23,6 +21,7 @@ from messages.codec import (
 from messages.errors import Error, ErrorCode
 from messages.routing import COMMANDS_EXCHANGE
 from messages.types import ConvertRequested, JobCompleted, JobProgress, Stage, VerifyObject
+from tests.support.buses import receiving
 
 WAIT = 10.0
 
@@ -30,25 +29,6 @@ WAIT = 10.0
 def verify(job: str) -> VerifyObject:
     return VerifyObject(job_id=job, key=f"converted/{job}.mp3", size=1, etag="e", content_type="audio/mpeg",
                         format="mp3", duration=1.0)
-
-
-@contextlib.asynccontextmanager
-async def receiving(bus: Bus, actor: str, prefetch: int = 10) -> AsyncIterator[asyncio.Queue[Delivery]]:
-    """Deliveries of ``actor`` collected into a queue by a task owned by this block."""
-    got: asyncio.Queue[Delivery] = asyncio.Queue()
-
-    async def pump() -> None:
-        async with contextlib.aclosing(bus.deliveries(actor, prefetch=prefetch)) as it:
-            async for d in it:
-                await got.put(d)
-
-    task = asyncio.create_task(pump())
-    try:
-        yield got
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def next_delivery(got: asyncio.Queue[Delivery]) -> Delivery:

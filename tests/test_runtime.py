@@ -1,0 +1,149 @@
+"""The actor runtime's failure policy, on both buses."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from actors.runtime import Worker
+from bus.base import Bus
+from messages.codec import H_ATTEMPT, H_ORIGIN_ROUTING_KEY, H_RETRY_DELAY_MS, encode, envelope_for
+from messages.errors import ErrorCode
+from messages.routing import COMMANDS_EXCHANGE
+from messages.types import StepFailed, Verified, VerifyObject
+from tests.fixtures.broker import bus_settings_of
+from tests.support.buses import dead_letters_of, next_message, receiving, running
+from tests.support.probe_actor import ProbeActor
+
+
+def verify(job: str) -> VerifyObject:
+    return VerifyObject(job_id=job, key=f"converted/{job}.mp3", size=1, etag="e", content_type="audio/mpeg",
+                        format="mp3", duration=1.0)
+
+
+def probe(bus: Bus, bus_settings, **kw) -> ProbeActor:
+    return ProbeActor(settings=bus_settings_of(bus, bus_settings), bus=bus, **kw)
+
+
+async def test_undecodable_message_is_dead_lettered_at_once_and_the_next_is_processed(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    bad = envelope_for(verify("bad-job-0001"))
+    await bus.publish_raw(exchange=COMMANDS_EXCHANGE, routing_key="verify_object",
+                          body=b'{"type":"verify_object","job_id":"bad-job-0001","size":"many"}', envelope=bad)
+    await bus.publish(verify("ok-job-0001"))
+    async with running(Worker(actor)), receiving(bus, "coordinator") as coordinator:
+        await actor.wait_for(lambda lines: "completed ok-job-0001" in lines)
+        reported = {type(m): m for m in [await next_message(coordinator), await next_message(coordinator)]}
+    [letter] = await dead_letters_of(bus, "verifier", count=1)
+    assert letter.error_code == "undecodable_message"
+    assert "$.key" in letter.error_message or "$.size" in letter.error_message
+    assert letter.envelope.message_id == bad.message_id
+    assert not any("bad-job-0001" in line for line in actor.lines), "the handler never saw it"
+    assert reported[StepFailed].job_id == "bad-job-0001"
+    assert reported[StepFailed].error.code == ErrorCode.UNDECODABLE_MESSAGE
+    assert reported[Verified].job_id == "ok-job-0001"
+
+
+async def test_message_of_a_newer_major_schema_is_dead_lettered_naming_the_version(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    message = verify("ok-newschema1")
+    env = envelope_for(message)
+    from msgspec.structs import replace
+
+    await bus.publish_raw(exchange=COMMANDS_EXCHANGE, routing_key="verify_object", body=encode(message),
+                          envelope=replace(env, schema="2.0"))
+    async with running(Worker(actor)):
+        [letter] = await dead_letters_of(bus, "verifier", count=1)
+    assert letter.error_code == "undecodable_message"
+    assert "newer" in letter.error_message and "ggt-schema" in letter.error_message
+
+
+async def test_transient_failure_is_retried_with_growing_delays_then_succeeds(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    await bus.publish(verify("flaky2-job01"))
+    seen_headers: list[dict] = []
+    worker = Worker(actor, rng=random.Random(7))
+    original = actor.verify
+
+    async def spy(message, ctx):
+        seen_headers.append(dict(ctx.envelope.headers))
+        await original(message, ctx)
+
+    worker._handlers[VerifyObject] = spy
+    async with running(worker):
+        await actor.wait_for(lambda lines: "completed flaky2-job01" in lines)
+    attempts = [int(h.get(H_ATTEMPT, 1)) for h in seen_headers]
+    delays = [int(h[H_RETRY_DELAY_MS]) for h in seen_headers[1:]]
+    assert attempts == [1, 2, 3]
+    assert delays[0] < delays[1], f"delays must grow: {delays}"
+    assert seen_headers[-1][H_ORIGIN_ROUTING_KEY] == "verify_object"
+    assert (await dead_letters_of(bus, "verifier", count=0)) == []
+
+
+async def test_failure_that_persists_is_dead_lettered_after_the_last_attempt_with_every_header(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    env = await bus.publish(verify("always-fail1"))
+    async with running(Worker(actor)), receiving(bus, "coordinator") as coordinator:
+        [letter] = await dead_letters_of(bus, "verifier", count=1)
+        failed = await next_message(coordinator)
+    assert sum(line.startswith("started always-fail1") for line in actor.lines) == bus_settings.max_attempts
+    assert letter.envelope.message_id == env.message_id
+    assert letter.error_code == "internal" and "storage keeps refusing" in letter.error_message
+    headers = letter.envelope.headers
+    assert headers[H_ATTEMPT] == bus_settings.max_attempts
+    assert headers["ggt-actor"] == "verifier"
+    assert letter.origin_exchange == COMMANDS_EXCHANGE and letter.origin_routing_key == "verify_object"
+    assert "ggt-first-failure" in headers and letter.dead_lettered_at is not None
+    assert isinstance(failed, StepFailed) and failed.error.retryable
+
+
+async def test_permanent_failure_reports_the_job_failed_without_retrying(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    await bus.publish(verify("fatal-job001"))
+    async with running(Worker(actor)), receiving(bus, "coordinator") as coordinator:
+        failed = await next_message(coordinator)
+    assert isinstance(failed, StepFailed) and failed.error.code == ErrorCode.TOO_LONG
+    assert not failed.error.retryable
+    assert [line for line in actor.lines if line.startswith("started")] == ["started fatal-job001 attempt=1"]
+    assert await dead_letters_of(bus, "verifier", count=0) == []
+
+
+async def test_time_limit_stops_the_handler_and_fails_the_step_with_timeout(bus, bus_settings):
+    actor = probe(bus, bus_settings.__class__(**{**_d(bus_settings), "job_time_limit": 0.3}), work_seconds=60)
+    await bus.publish(verify("slow-limit01"))
+    async with running(Worker(actor)), receiving(bus, "coordinator") as coordinator:
+        failed = await next_message(coordinator)
+    assert isinstance(failed, StepFailed) and failed.error.code == ErrorCode.TIMEOUT
+    assert "completed slow-limit01" not in actor.lines
+    assert len([line for line in actor.lines if line.startswith("started")]) == 1, "a timeout never loops"
+
+
+async def test_shutdown_releases_in_flight_work_and_it_completes_after_restart(bus, bus_settings):
+    settings = bus_settings.__class__(**{**_d(bus_settings), "shutdown_grace": 0.2})
+    first = probe(bus, settings, work_seconds=60)
+    await bus.publish(verify("slow-shutdwn"))
+    async with running(Worker(first)):
+        await first.wait_for(lambda lines: any(line.startswith("started slow-shutdwn") for line in lines))
+    assert await dead_letters_of(bus, "verifier", count=0) == []
+    second = probe(bus, settings, work_seconds=0)
+    async with running(Worker(second)):
+        await second.wait_for(lambda lines: "completed slow-shutdwn" in lines)
+    assert "completed slow-shutdwn" not in first.lines
+
+
+async def test_duplicate_of_finished_work_is_dropped(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    message = verify("ok-duplicate")
+    env = envelope_for(message)
+    async with running(Worker(actor)):
+        for _ in range(2):
+            await bus.publish(message, envelope=env)
+        await bus.publish(verify("ok-after-dup"))
+        await actor.wait_for(lambda lines: "completed ok-after-dup" in lines)
+    assert sum(line.startswith("started ok-duplicate") for line in actor.lines) == 1
+
+
+def _d(settings):
+    import msgspec
+
+    return msgspec.structs.asdict(settings)

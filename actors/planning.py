@@ -363,7 +363,7 @@ def _pick_input(inputs: list[SourceInput], kind: str) -> int | None:
     return None
 
 
-def _header_block(headers: Mapping[str, str]) -> str:
+def header_block(headers: Mapping[str, str]) -> str:
     """HTTP headers as ffmpeg's ``-headers`` value; CR/LF inside a value would inject headers, so drop them."""
     lines = []
     for name, value in headers.items():
@@ -391,9 +391,9 @@ def input_args_for(source_input: SourceInput, *, start: float, network_timeout: 
                 "-reconnect_on_network_error", "1",
                 "-reconnect_delay_max", str(RECONNECT_DELAY_MAX_S),
             ]  # fmt: skip
-        header_block = _header_block(source_input.headers)
-        if header_block:
-            args += ["-headers", header_block]
+        headers = header_block(source_input.headers)
+        if headers:
+            args += ["-headers", headers]
     if start > 0:
         # before -i: a fast seek (by byte range over http) instead of decoding up to start
         args += ["-ss", _seconds(start)]

@@ -1,0 +1,199 @@
+"""A small async ffprobe wrapper: what a URL or file holds (format, duration, streams).
+
+Used by the converter (the duration of direct links) and the verifier (the stored object, through
+a presigned GET). ffprobe runs in its own process group, which is killed on timeout or cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import msgspec
+
+from actors.planning import HLS_PROTOCOLS, header_block
+from messages.errors import ErrorCode, JobError
+
+#: protocols for a local path (tests, tools); user URLs never get ``file``
+LOCAL_PROTOCOLS = "file,pipe"
+#: most bytes of ffprobe's stderr kept for the error detail
+STDERR_KEEP = 2000
+#: stderr phrases meaning "reachable, but not media" rather than "could not fetch"
+_NOT_MEDIA_HINTS = ("Invalid data found", "could not find codec parameters", "moov atom not found")
+
+
+class ProbeStream(msgspec.Struct, frozen=True, kw_only=True):
+    """One stream as ffprobe sees it."""
+
+    index: int
+    codec_type: str = ""
+    codec_name: str = ""
+    width: int | None = None
+    height: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    bit_rate: int | None = None
+    duration: float | None = None
+    #: an embedded cover picture, not a video
+    attached_pic: bool = False
+
+
+class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a media file holds; ``duration`` is None when the container does not say (piped FLAC, WebM)."""
+
+    format_name: str
+    duration: float | None
+    size: int | None = None
+    bit_rate: int | None = None
+    streams: list[ProbeStream] = []
+    tags: dict[str, str] = {}
+    #: end of the last packet, seconds; only filled when probed with ``count_packets=True``
+    packet_duration: float | None = None
+
+    def first(self, codec_type: str) -> ProbeStream | None:
+        """The first stream of ``codec_type`` ("audio" or "video"); cover pictures are not video."""
+        for stream in self.streams:
+            if stream.codec_type == codec_type and not stream.attached_pic:
+                return stream
+        return None
+
+    @property
+    def audio(self) -> ProbeStream | None:
+        """The first audio stream."""
+        return self.first("audio")
+
+    @property
+    def video(self) -> ProbeStream | None:
+        """The first video stream that is not a cover picture."""
+        return self.first("video")
+
+    @property
+    def best_duration(self) -> float | None:
+        """The container's duration, else the longest stream's, else the packet count's."""
+        if self.duration:
+            return self.duration
+        streams = [s.duration for s in self.streams if s.duration]
+        return max(streams) if streams else self.packet_duration
+
+
+def _number(value: object, kind: type[int] | type[float]) -> int | float | None:
+    try:
+        return kind(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_probe_json(data: bytes | str) -> ProbeResult:
+    """ffprobe's ``-print_format json`` output as a ProbeResult (pure; tested with plain values)."""
+    raw = msgspec.json.decode(data)
+    fmt = raw.get("format") or {}
+    streams = [
+        ProbeStream(
+            index=int(s.get("index", i)),
+            codec_type=s.get("codec_type", ""),
+            codec_name=s.get("codec_name", ""),
+            width=_number(s.get("width"), int),  # type: ignore[arg-type]
+            height=_number(s.get("height"), int),  # type: ignore[arg-type]
+            sample_rate=_number(s.get("sample_rate"), int),  # type: ignore[arg-type]
+            channels=_number(s.get("channels"), int),  # type: ignore[arg-type]
+            bit_rate=_number(s.get("bit_rate"), int),  # type: ignore[arg-type]
+            duration=_number(s.get("duration"), float),  # type: ignore[arg-type]
+            attached_pic=bool((s.get("disposition") or {}).get("attached_pic")),
+        )
+        for i, s in enumerate(raw.get("streams") or [])
+    ]
+    packet_end: float | None = None
+    for packet in raw.get("packets") or []:
+        pts = _number(packet.get("pts_time"), float)
+        if pts is None:
+            continue
+        end = pts + (_number(packet.get("duration_time"), float) or 0.0)
+        packet_end = end if packet_end is None else max(packet_end, end)
+    return ProbeResult(
+        format_name=fmt.get("format_name", ""),
+        duration=_number(fmt.get("duration"), float),  # type: ignore[arg-type]
+        size=_number(fmt.get("size"), int),  # type: ignore[arg-type]
+        bit_rate=_number(fmt.get("bit_rate"), int),  # type: ignore[arg-type]
+        streams=streams,
+        tags={str(k).lower(): str(v) for k, v in (fmt.get("tags") or {}).items()},
+        packet_duration=packet_end,
+    )
+
+
+def probe_argv(
+    url_or_path: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    count_packets: bool = False,
+    ffprobe_bin: str = "ffprobe",
+) -> list[str]:
+    """The ffprobe argv for ``url_or_path``: http(s)/HLS protocols for URLs, ``file`` only for local paths."""
+    scheme = urlsplit(url_or_path).scheme.lower()
+    argv = [ffprobe_bin, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
+    if count_packets:
+        # reads every packet: the only duration a piped FLAC/WebM has
+        argv += ["-show_entries", "packet=pts_time,duration_time"]
+    if scheme in ("http", "https"):
+        argv += ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000))]
+        block = header_block(headers or {})
+        if block:
+            argv += ["-headers", block]
+    elif scheme in ("", "file"):
+        argv += ["-protocol_whitelist", LOCAL_PROTOCOLS]
+    else:
+        raise JobError(ErrorCode.UNSUPPORTED_URL, f"cannot probe a {scheme!r} URL")
+    return [*argv, "-i", url_or_path]
+
+
+def failure_code(stderr: str) -> ErrorCode:
+    """The error code for an ffprobe failure, from its stderr: not media → no_media_found, else media_unavailable."""
+    if any(hint in stderr for hint in _NOT_MEDIA_HINTS):
+        return ErrorCode.NO_MEDIA_FOUND
+    return ErrorCode.MEDIA_UNAVAILABLE
+
+
+async def ffprobe(
+    url_or_path: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    count_packets: bool = False,
+) -> ProbeResult:
+    """Probe ``url_or_path``; raises JobError (no_media_found, media_unavailable) on failure or timeout.
+
+    A result with no audio or video stream also raises no_media_found.
+    """
+    argv = probe_argv(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, so a kill takes any helper with it
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        raise JobError(ErrorCode.MEDIA_UNAVAILABLE, f"ffprobe timed out after {timeout:.0f} s") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            # shielded so a cancelled caller still reaps the child
+            await asyncio.shield(proc.wait())
+    message = stderr.decode(errors="replace").strip()[-STDERR_KEEP:]
+    if proc.returncode != 0:
+        raise JobError(failure_code(message), f"ffprobe: {message or f'exit status {proc.returncode}'}")
+    try:
+        result = parse_probe_json(stdout)
+    except (msgspec.DecodeError, AttributeError) as exc:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, f"ffprobe output unreadable: {exc}") from None
+    if result.audio is None and result.video is None:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, "no audio or video stream")
+    return result

@@ -55,7 +55,7 @@ class Format(enum.StrEnum):
 class Quality(enum.StrEnum):
     """Audio bitrates in kbit/s, video maximum heights in pixels, or ``best``.
 
-    Which values fit which format is decided by ``messages.rules.allowed_qualities``.
+    Which values fit which format is decided by ``actors.planning.allowed_qualities``.
     """
 
     K64 = "64"

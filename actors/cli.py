@@ -1,0 +1,96 @@
+"""The ``getgoodtape`` command: run actors, convert, submit, export the schema, manage dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from actors.settings import load_settings
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from actors.logs import setup_logging
+    from actors.registry import ACTOR_CLASSES
+    from actors.serve import serve
+
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    names = list(ACTOR_CLASSES) if args.actors == ["all"] else args.actors
+    if "gateway" in names:
+        from actors.gateway.app import run_gateway
+
+        asyncio.run(run_gateway(settings, with_actors=[n for n in names if n != "gateway"]))
+        return 0
+    for name in names:
+        if name not in ACTOR_CLASSES:
+            print(f"unknown actor {name!r}; choose from {', '.join(ACTOR_CLASSES)}, all, gateway", file=sys.stderr)
+            return 2
+    if not settings.amqp_url and len(names) < len(ACTOR_CLASSES):
+        print("GGT_AMQP_URL is not set: separate actor processes need RabbitMQ "
+              "(the in-memory bus only works with all actors in one process: `getgoodtape run all`)",
+              file=sys.stderr)
+        return 2
+    asyncio.run(serve(names, settings))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from messages.schema import public_schemas
+
+    schemas = public_schemas()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, schema in schemas.items():
+            (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {len(schemas)} schemas to {out}/")
+    else:
+        json.dump(schemas, sys.stdout, indent=2, sort_keys=True)
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="getgoodtape", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run actors in this process (coordinator, converter, uploader, verifier, "
+                                     "gateway, or all)")
+    run.add_argument("actors", nargs="+", metavar="ACTOR")
+    run.set_defaults(fn=_cmd_run)
+
+    schema = sub.add_parser("schema", help="write the JSON Schema of the public messages")
+    schema.add_argument("-o", "--out", help="directory to write <type>.schema.json files into (default: stdout)")
+    schema.set_defaults(fn=_cmd_schema)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands living in their own modules (convert, submit, dlq)."""
+    found = []
+    for module in ("actors.convert_cmd", "actors.dlq_cmd"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError as exc:
+            if exc.name != module:
+                raise
+            continue
+        found.append(mod.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

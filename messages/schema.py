@@ -1,0 +1,26 @@
+"""JSON Schema of the public messages, generated from the Structs (never written by hand)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from messages.codec import SCHEMA_VERSION
+from messages.types import PUBLIC_IN, PUBLIC_OUT, Base, type_name
+
+
+def message_schema(message_type: type[Base]) -> dict:
+    """A standalone JSON Schema (draft 2020-12) document for one message type."""
+    (ref,), components = msgspec.json.schema_components([message_type], ref_template="#/$defs/{name}")
+    name = ref["$ref"].rsplit("/", 1)[-1]
+    root = dict(components.pop(name))
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"getgoodtape/{type_name(message_type)}/{SCHEMA_VERSION}",
+        **root,
+        "$defs": components,
+    }
+
+
+def public_schemas() -> dict[str, dict]:
+    """``type`` tag → schema, for ConvertRequested (in) and JobProgress/JobCompleted/JobFailed (out)."""
+    return {type_name(t): message_schema(t) for t in (*PUBLIC_IN, *PUBLIC_OUT)}

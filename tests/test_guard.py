@@ -162,8 +162,19 @@ def test_host_literals_are_read_the_way_libc_reads_them(spelling: str, address: 
 
 @pytest.mark.parametrize(
     "spelling",
-    ["example.com", "127.0.0.1.example.com", "08.0.0.1", "256.0.0.1", "127.16777216", "1.2.3.4.5", "1..2", "",
-     "0x", "１２７.0.0.1", "localhost"],
+    [
+        "example.com",
+        "127.0.0.1.example.com",
+        "08.0.0.1",
+        "256.0.0.1",
+        "127.16777216",
+        "1.2.3.4.5",
+        "1..2",
+        "",
+        "0x",
+        "１２７.0.0.1",
+        "localhost",
+    ],
 )
 def test_names_and_malformed_numbers_are_not_literals(spelling: str) -> None:
     assert parse_host_literal(spelling) is None
@@ -171,8 +182,25 @@ def test_names_and_malformed_numbers_are_not_literals(spelling: str) -> None:
 
 @pytest.mark.parametrize(
     "spelling",
-    ["1", "127.1", "0x7f.1", "0177.0.0.01", "4294967295", "4294967296", "1.2.3.256", "1.16777215", "1.16777216",
-     "0x", "0x0", "09", "1.2.3", "1.2.3.4.", "255.255.255.255", "0xffffffff", "127.0.0.1 trailing"],
+    [
+        "1",
+        "127.1",
+        "0x7f.1",
+        "0177.0.0.01",
+        "4294967295",
+        "4294967296",
+        "1.2.3.256",
+        "1.16777215",
+        "1.16777216",
+        "0x",
+        "0x0",
+        "09",
+        "1.2.3",
+        "1.2.3.4.",
+        "255.255.255.255",
+        "0xffffffff",
+        "127.0.0.1 trailing",
+    ],
 )
 def test_ipv4_parsing_agrees_with_the_system_inet_aton(spelling: str) -> None:
     try:
@@ -217,7 +245,12 @@ def test_check_url_refuses_schemes_credentials_and_internal_literals(url: str) -
 
 @pytest.mark.parametrize(
     "url",
-    ["https://example.com/watch?v=1", "http://8.8.8.8/a.mp3", "HTTPS://Example.COM:8443/a", "http://[2606:4700::1]/"],
+    [
+        "https://example.com/watch?v=1",
+        "http://8.8.8.8/a.mp3",
+        "HTTPS://Example.COM:8443/a",
+        "http://[2606:4700::1]/",
+    ],
 )
 def test_check_url_lets_public_http_urls_through(url: str) -> None:
     check_url(url)

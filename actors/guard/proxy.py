@@ -143,9 +143,11 @@ class FetchGuard:
     """The SSRF guard of one job: a filtering proxy on loopback for yt-dlp and ffmpeg.
 
     ``async with FetchGuard(allow=settings.allow_networks) as guard:`` then pass
-    ``guard.ytdlp_options()`` to YoutubeDL and ``guard.ffmpeg_input_args()`` (before ``-i``) plus
-    ``guard.subprocess_env(os.environ)`` to ffmpeg; after a failure call ``guard.raise_if_blocked()``.
-    Run yt-dlp in a thread (``asyncio.to_thread``): the proxy lives on this event loop.
+    ``guard.ytdlp_options()`` to YoutubeDL, and to ffmpeg ``guard.ffmpeg_input_args()`` before
+    *every* ``-i`` (they are per-input options) with ``env=guard.subprocess_env(os.environ)``.
+    After each yt-dlp or ffmpeg run — successful ones too, since ffmpeg skips HLS segments it cannot
+    open — call ``guard.raise_if_blocked()``. Run yt-dlp in a thread (``asyncio.to_thread``): the
+    proxy lives on this event loop. Use one guard per job so its ``blocked`` record is that job's.
     """
 
     def __init__(
@@ -213,7 +215,7 @@ class FetchGuard:
         return JobError(ErrorCode.URL_NOT_ALLOWED, f"{first.host} resolves to {first.ip}: {first.reason}")
 
     def raise_if_blocked(self) -> None:
-        """Raise ``JobError(URL_NOT_ALLOWED)`` if any connection was refused; call it when a fetch failed."""
+        """Raise ``JobError(URL_NOT_ALLOWED)`` if any connection was refused; call it after every tool run."""
         error = self.blocked_error()
         if error is not None:
             raise error
@@ -310,8 +312,14 @@ class FetchGuard:
 async def _answer(writer: asyncio.StreamWriter, status: int, reason: str, *, blocked: bool = False) -> None:
     body = (f"{BLOCKED_VALUE}: {reason}\n" if blocked else f"{reason}\n").encode()
     extra = f"{BLOCKED_HEADER}: {BLOCKED_VALUE}\r\n" if blocked else ""
-    title = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
-             502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
+    title = {
+        400: "Bad Request",
+        403: "Forbidden",
+        408: "Request Timeout",
+        431: "Request Header Fields Too Large",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+    }.get(status, "Error")
     writer.write(
         (
             f"HTTP/1.1 {status} {title}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"

@@ -28,14 +28,18 @@ def check_url(url: str, *, allow: Iterable[str | IPNetwork] = ()) -> None:
     """Raise ``JobError(URL_NOT_ALLOWED)`` unless ``url`` is http(s), has no credentials and no forbidden literal host."""
     networks = parse_networks(allow)
     if any(ch in AMBIGUOUS_CHARACTERS or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        raise JobError(ErrorCode.URL_NOT_ALLOWED, "the URL contains whitespace, control characters or backslashes")
+        raise JobError(
+            ErrorCode.URL_NOT_ALLOWED, "the URL contains whitespace, control characters or backslashes"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise JobError(ErrorCode.URL_NOT_ALLOWED, f"the URL cannot be parsed: {exc}") from None
     if parts.scheme.lower() not in ALLOWED_SCHEMES:
-        raise JobError(ErrorCode.URL_NOT_ALLOWED, f"scheme {parts.scheme!r} is not allowed; use http or https")
+        raise JobError(
+            ErrorCode.URL_NOT_ALLOWED, f"scheme {parts.scheme!r} is not allowed; use http or https"
+        )
     if parts.username is not None or parts.password is not None:
         raise JobError(ErrorCode.URL_NOT_ALLOWED, "credentials in the URL are not allowed")
     host = parts.hostname

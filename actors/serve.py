@@ -34,18 +34,11 @@ async def workers(names: Sequence[str], *, settings: Settings, bus: Bus, stoppin
         actor: Actor = cls(settings=settings, bus=bus, **deps)  # type: ignore[arg-type]
         built.append(Worker(actor))
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(w.run(stopping)) for w in built]
-        ready = [asyncio.ensure_future(w.ready.wait()) for w in built]
+        for worker in built:
+            group.create_task(worker.run(stopping))
         try:
-            done, _ = await asyncio.wait([*ready, *tasks], return_when=asyncio.FIRST_EXCEPTION)
-            while not all(r.done() for r in ready):
-                if any(t.done() for t in tasks):
-                    break
-                done, _ = await asyncio.wait([*ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
             yield built
         finally:
-            for r in ready:
-                r.cancel()
             stopping.set()
 
 

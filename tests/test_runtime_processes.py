@@ -70,8 +70,8 @@ async def test_consumers_come_back_after_the_broker_closes_every_connection(
         await until(lambda: sum(x.startswith("completed") for x in lines(record)) >= 5, what="first completions")
         ctl = shutil.which("rabbitmqctl")
         assert ctl, "rabbitmqctl is needed to close connections"
-        subprocess.run([ctl, "close_all_connections", "-p", vhost, "test: connections dropped"], check=True,
-                       capture_output=True, timeout=60)
+        await asyncio.to_thread(subprocess.run, [ctl, "close_all_connections", "-p", vhost, "test: dropped"],
+                                check=True, capture_output=True, timeout=60)
         for job in jobs[30:]:
             await _publish_until_reconnected(rabbit_bus, verify(job))
         await until(lambda: all(f"completed {j}" in lines(record) for j in jobs), timeout=90,

@@ -92,7 +92,7 @@ async def until(predicate: Callable[[], bool], *, timeout: float = 30.0, what: s
     """Poll ``predicate`` until it holds (for state outside this process: files, queues)."""
     try:
         async with asyncio.timeout(timeout):
-            while not predicate():
+            while not predicate():  # noqa: ASYNC110 — state of another process
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None

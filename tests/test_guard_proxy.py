@@ -461,6 +461,18 @@ async def test_an_idle_tunnel_is_closed_by_the_guard(allowed: Origin) -> None:
             writer.close()
 
 
+async def test_a_name_that_cannot_be_resolved_gets_502_and_the_guard_keeps_serving(allowed: Origin) -> None:
+    async def unencodable(host: str, port: int) -> list[IPAddress]:
+        raise UnicodeError("label too long")  # what getaddrinfo raises for an over-long IDNA label
+
+    async with FetchGuard(allow=TEST_ALLOW, resolve=unencodable) as broken_dns:
+        status, _, _ = await fetch_through(broken_dns, f"http://{'a' * 70}.test/")
+        assert status == 502
+        allowed_status, _, _ = await fetch_through(broken_dns, f"{allowed.base}/hello")
+    assert allowed_status == 502  # still answering, and still never guessing an address
+    assert broken_dns.blocked == []
+
+
 async def test_a_request_the_proxy_does_not_serve_gets_400(guard: FetchGuard) -> None:
     host, port = guard.proxy_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))

@@ -239,6 +239,8 @@ class FetchGuard:
                 self._active -= 1
         except (OSError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to tell anyone
+        except Exception:
+            log.exception("guard failed serving a connection")
         finally:
             self._handlers.discard(task)
             writer.close()
@@ -275,8 +277,8 @@ class FetchGuard:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 addresses = await self._resolve(host, port)
-        except (OSError, TimeoutError) as exc:
-            raise _Refusal(502, f"cannot resolve {host}: {exc}") from None
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: names IDNA cannot encode, NULs
+            raise _Refusal(502, f"cannot resolve {host}: {exc!r}") from None
         if not addresses:
             raise _Refusal(502, f"{host} has no addresses")
         # one forbidden answer taints the name: a host mixing public and private answers is hostile

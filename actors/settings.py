@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     s3_bucket: str = "getgoodtape"
     s3_access_key_id: str = ""
     s3_secret_access_key: str = ""
+    #: endpoint written into download URLs handed to users, when they reach storage by another
+    #: address than the actors do (compose: actors use http://minio:9000); empty = s3_endpoint
+    s3_public_endpoint: str = ""
     #: path-style addressing (MinIO, local endpoints); R2 and S3 work either way
     s3_path_style: bool = True
     #: seconds a presigned download URL stays valid

@@ -430,13 +430,19 @@ def metadata_args(*, request: ConvertRequested, source: SourceInfo) -> list[str]
     return args
 
 
-def _audio_plan(fmt: Format, quality: Quality, source: SourceInfo) -> tuple[list[str], float | None]:
-    """(codec args for the audio stream, estimated kbit/s or None when unknown)."""
+def _audio_plan(
+    fmt: Format, quality: Quality, source: SourceInfo, *, clipped: bool
+) -> tuple[list[str], float | None]:
+    """(codec args for the audio stream, estimated kbit/s or None when unknown).
+
+    A clip with a start is always encoded: copied packets from before the seek point would be kept
+    (a fragmented MP4 has no edit list to hide them), making the output longer than asked.
+    """
     codecs = CODECS[fmt]
-    source_codec = codec_name(source.audio_codec)
+    source_codec = None if clipped else codec_name(source.audio_codec)
     if fmt.is_video:
         if source_codec in codecs.audio_copyable:
-            return ["-c:a", "copy"], source.abr
+            return ["-c:a", "copy", *_aac_into_mp4(fmt)], source.abr
         kbps = MP4_AUDIO_KBPS if fmt is Format.MP4 else WEBM_AUDIO_KBPS
         return ["-c:a", codecs.audio_encoder, "-b:a", f"{kbps}k"], float(kbps)
     if fmt in (Format.FLAC, Format.WAV):
@@ -444,10 +450,15 @@ def _audio_plan(fmt: Format, quality: Quality, source: SourceInfo) -> tuple[list
             return ["-c:a", "copy"], None
         return ["-c:a", codecs.audio_encoder], None
     if quality is Quality.BEST and source_codec in codecs.audio_copyable:
-        return ["-c:a", "copy"], source.abr if source.abr else float(_top_kbps(fmt))
+        return ["-c:a", "copy", *_aac_into_mp4(fmt)], source.abr if source.abr else float(_top_kbps(fmt))
     kbps = _top_kbps(fmt) if quality is Quality.BEST else int(quality.value)
     # for mp3 this is CBR (libmp3lame with -b:a and no -q:a): a piped VBR mp3 misreports its duration
     return ["-c:a", codecs.audio_encoder, "-b:a", f"{kbps}k"], float(kbps)
+
+
+def _aac_into_mp4(fmt: Format) -> list[str]:
+    """AAC from MPEG-TS/HLS is ADTS-framed; MP4 wants it without (the filter passes other AAC through)."""
+    return ["-bsf:a", "aac_adtstoasc"] if fmt in (Format.MP4, Format.M4A) else []
 
 
 def _top_kbps(fmt: Format) -> int:
@@ -551,7 +562,7 @@ def plan_media(*, request: ConvertRequested, source: SourceInfo, limits: Limits)
         expect["video"] = codecs.video
         kbps_total = None if video_kbps is None else kbps_total + video_kbps
     if audio_index is not None:
-        audio_args, audio_kbps = _audio_plan(fmt, quality, source)
+        audio_args, audio_kbps = _audio_plan(fmt, quality, source, clipped=start > 0)
         output_args += audio_args
         expect["audio"] = codecs.audio
         if fmt in (Format.WAV, Format.FLAC):
@@ -592,10 +603,15 @@ def plan_media(*, request: ConvertRequested, source: SourceInfo, limits: Limits)
 
     output_args += metadata_args(request=request, source=source)
 
+    cap: float | None
     if duration is None:
         cap = limits.max_duration
     elif request.end is not None:
         cap = duration
+    elif fmt is Format.WEBM:
+        # the WebM muxer writes -t into the header as the duration on a pipe; -fs and the job's time
+        # limit bound an unclipped WebM instead
+        cap = None
     else:
         cap = min(limits.max_duration, duration * DURATION_CAP_FACTOR + DURATION_CAP_SLACK_S)
     estimated: int | None = None
@@ -608,7 +624,9 @@ def plan_media(*, request: ConvertRequested, source: SourceInfo, limits: Limits)
                 f"{limits.max_output_bytes / MiB:.0f} MiB",
             )
     max_bytes = estimate_max_bytes(estimated, limit=limits.max_output_bytes)
-    output_args += ["-t", _seconds(cap), "-fs", str(max_bytes)]
+    if cap is not None:
+        output_args += ["-t", _seconds(cap)]
+    output_args += ["-fs", str(max_bytes)]
     output_args += _muxer_args(fmt)
 
     muxer = MUXERS[fmt]

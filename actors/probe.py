@@ -40,6 +40,8 @@ class ProbeStream(msgspec.Struct, frozen=True, kw_only=True):
     duration: float | None = None
     #: an embedded cover picture, not a video
     attached_pic: bool = False
+    #: stream tags, keys lower-cased (Ogg keeps its Vorbis comments here)
+    tags: dict[str, str] = {}
 
 
 class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,6 +73,16 @@ class ProbeResult(msgspec.Struct, frozen=True, kw_only=True):
         """The first video stream that is not a cover picture."""
         return self.first("video")
 
+    def tag(self, name: str) -> str | None:
+        """Tag ``name`` (case-insensitive) from the container, else from the first stream that has it."""
+        key = name.lower()
+        if key in self.tags:
+            return self.tags[key]
+        for stream in self.streams:
+            if key in stream.tags:
+                return stream.tags[key]
+        return None
+
     @property
     def best_duration(self) -> float | None:
         """The container's duration, else the longest stream's, else the packet count's."""
@@ -85,6 +97,10 @@ def _number(value: object, kind: type[int] | type[float]) -> int | float | None:
         return kind(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def _tags(section: dict) -> dict[str, str]:
+    return {str(k).lower(): str(v) for k, v in (section.get("tags") or {}).items()}
 
 
 def parse_probe_json(data: bytes | str) -> ProbeResult:
@@ -103,6 +119,7 @@ def parse_probe_json(data: bytes | str) -> ProbeResult:
             bit_rate=_number(s.get("bit_rate"), int),  # type: ignore[arg-type]
             duration=_number(s.get("duration"), float),  # type: ignore[arg-type]
             attached_pic=bool((s.get("disposition") or {}).get("attached_pic")),
+            tags=_tags(s),
         )
         for i, s in enumerate(raw.get("streams") or [])
     ]
@@ -119,7 +136,7 @@ def parse_probe_json(data: bytes | str) -> ProbeResult:
         size=_number(fmt.get("size"), int),  # type: ignore[arg-type]
         bit_rate=_number(fmt.get("bit_rate"), int),  # type: ignore[arg-type]
         streams=streams,
-        tags={str(k).lower(): str(v) for k, v in (fmt.get("tags") or {}).items()},
+        tags=_tags(fmt),
         packet_duration=packet_end,
     )
 

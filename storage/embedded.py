@@ -2,8 +2,14 @@
 
 Only ``moto[s3]`` and ``werkzeug`` are needed: the small WSGI app below routes path-style requests
 straight to moto's S3 handlers, so moto's Flask server (flask, flask-cors, …) is not used.
-Objects live in this process's memory (moto spills large objects to temporary files); they are
-gone when the process exits. All EmbeddedS3 instances of one process share moto's one backend.
+Objects live in this process (moto keeps objects under ~5 MiB in memory and spills larger ones
+to temporary files); they are gone when the process exits. All EmbeddedS3 instances of one process
+share moto's one backend.
+
+Memory, measured with 1 GiB uploaded in 128 presigned 8 MiB parts: part PUTs stay bounded (max RSS
+~360 MiB for the whole process, parts spill to disk), but moto's CompleteMultipartUpload joins the
+parts in memory (bytearray, then bytes, then the key's buffer): peak RSS ~4.4 GiB, and a GET reads
+the whole object into memory. Fine for zero-config runs with modest files; use MinIO/R2/S3 for more.
 """
 
 from __future__ import annotations

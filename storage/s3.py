@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import msgspec
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -152,8 +152,11 @@ class Storage:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_pool_connections: int = DEFAULT_MAX_POOL_CONNECTIONS,
+        session: AioSession | None = None,
     ) -> None:
         self.config = config
+        #: share one session between Storages of a process: it caches botocore's service models
+        self._session = session
         self._botocore_config = client_config(
             config,
             connect_timeout=connect_timeout,
@@ -167,7 +170,7 @@ class Storage:
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
             self._client = await stack.enter_async_context(
-                get_session().create_client(
+                (self._session or get_session()).create_client(
                     "s3",
                     endpoint_url=self.config.endpoint,
                     region_name=self.config.region,

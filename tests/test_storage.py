@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from datetime import UTC, datetime
@@ -152,3 +153,20 @@ async def test_unreachable_storage_raises_storage_unavailable(unused_tcp_port: i
     async with open_test_storage(config) as storage:
         with pytest.raises(StorageUnavailable):
             await storage.head("converted/2025/03/job-0000013.mp3")
+
+
+async def test_concurrent_saves_of_one_version_let_exactly_one_writer_win(storage: Storage) -> None:
+    jobs = JobStore(storage)
+    etag = await jobs.save("job-0000014", b'{"n":0}', etag=None)
+
+    async def attempt(n: int) -> bool:
+        try:
+            await jobs.save("job-0000014", b'{"n":%d}' % n, etag=etag)
+        except WriteConflict:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(*(attempt(n) for n in range(1, 11)))
+    assert outcomes.count(True) == 1
+    loaded = await jobs.load("job-0000014")
+    assert loaded is not None and loaded[0] == b'{"n":%d}' % (outcomes.index(True) + 1)

@@ -706,6 +706,29 @@ def converting_fraction(out_time_s: float | None, duration: float) -> float:
     return min(1.0, max(0.0, out_time_s / duration))
 
 
+#: how much shorter than planned an output may end before it counts as cut off (seconds, fraction)
+SHORT_OUTPUT_SLACK_S = 1.0
+SHORT_OUTPUT_SLACK_FRACTION = 0.02
+
+
+def check_output_duration(out_time_s: float | None, expected: float) -> Error | None:
+    """conversion_failed when ffmpeg's final output time falls short of the planned duration, else None.
+
+    ffmpeg exits 0 on a source cut off mid-stream (it treats the short read as the end), so the
+    uploader checks the last ``-progress`` block with this before it reports success. An unknown
+    expected duration (0) passes.
+    """
+    if expected <= 0:
+        return None
+    slack = max(SHORT_OUTPUT_SLACK_S, SHORT_OUTPUT_SLACK_FRACTION * expected)
+    if out_time_s is None or out_time_s < expected - slack:
+        got = "no output time" if out_time_s is None else f"{out_time_s:.1f} s"
+        return Error.of(
+            ErrorCode.CONVERSION_FAILED, f"the output ends early: {got} of {expected:.1f} s (source cut off?)"
+        )
+    return None
+
+
 class MonotonicProgress:
     """Keeps reported progress from going backwards; ``update`` says whether there is news to send."""
 

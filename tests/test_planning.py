@@ -6,6 +6,7 @@ import asyncio
 import math
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from actors.planning import (
@@ -19,6 +20,7 @@ from actors.planning import (
     SourceInfo,
     SourceInput,
     allowed_qualities,
+    check_output_duration,
     codec_name,
     default_quality,
     ffmpeg_argv,
@@ -455,6 +457,14 @@ def test_progress_reader_splits_blocks_and_keeps_error_lines_apart():
     assert reader.other == ["[http @ 0x1] Stream ends prematurely"]
 
 
+def test_output_ending_early_is_a_conversion_failure():
+    assert check_output_duration(599.5, 600) is None
+    assert check_output_duration(5.2, 6) is None
+    assert check_output_duration(3.0, 6).code is ErrorCode.CONVERSION_FAILED
+    assert check_output_duration(None, 6).code is ErrorCode.CONVERSION_FAILED
+    assert check_output_duration(None, 0) is None  # unknown duration: nothing to compare
+
+
 def test_yt_dlp_codec_names_become_ffprobe_names():
     assert [codec_name(n) for n in ("avc1.64001F", "mp4a.40.2", "vp09.00.40.08", "av01.0.08M.08", "opus", "none")] == [
         "h264", "aac", "vp9", "av1", "opus", None,
@@ -626,3 +636,15 @@ async def test_probe_of_a_stalled_source_times_out_with_a_code(media_server):
     with pytest.raises(JobError) as caught:
         await ffprobe(media_server.url("slow/av_h264_aac.mp4?rate=200"), timeout=1.0)
     assert caught.value.code is ErrorCode.MEDIA_UNAVAILABLE and "timed out" in caught.value.detail
+
+
+async def test_source_cut_off_mid_stream_is_caught_by_the_output_time_check(media_server, tmp_path):
+    src = served_source(media_server, "av_h264_aac.mp4")
+    src = msgspec.structs.replace(src, inputs=[SourceInput(url=media_server.url("cutoff/av_h264_aac.mp4"))])
+    p = plan_media(request=request(Format.MP3), source=src, limits=LIMITS)
+    _, blocks = await run_plan(p, tmp_path)  # ffmpeg itself exits 0 with half the audio
+    error = check_output_duration(blocks[-1]["out_time_s"], p.duration)
+    assert error is not None and error.code is ErrorCode.CONVERSION_FAILED
+    assert any(
+        r.path == "/cutoff/av_h264_aac.mp4" and r.range for r in media_server.requests
+    )  # it did try to resume

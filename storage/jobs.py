@@ -7,6 +7,9 @@ Optimistic concurrency uses S3 conditional writes: ``If-None-Match: *`` to creat
 <etag>`` to replace. AWS S3 (since 2024), R2 and MinIO honour both on PutObject. moto (5.2) checks
 both too, but its check-then-put is not atomic across threads; the embedded S3 serialises
 conditional writes so that it is (see storage.embedded).
+
+An ETag is the MD5 of the bytes: two writers saving identical bytes over the same version both
+"win". Keep a changing field in the record (a version counter or updated_at) so every save differs.
 """
 
 from __future__ import annotations

@@ -216,19 +216,22 @@ class FfmpegProcess:
             await self._deadline.__aenter__()
         try:
             await self._start()
-        except BaseException:
-            await self._stop()
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
-        await self._stop()
-        if self._deadline is not None:
-            try:
-                await self._deadline.__aexit__(exc_type, exc, tb)
-            except TimeoutError as timeout:
-                raise JobError(ErrorCode.TIMEOUT, f"ffmpeg ran past its {self._time_limit:g}s limit") \
-                    from timeout
+        try:
+            await self._stop()
+        finally:
+            deadline, self._deadline = self._deadline, None
+            if deadline is not None:  # always left, or it could cancel the caller later
+                try:
+                    await deadline.__aexit__(exc_type, exc, tb)
+                except TimeoutError as timeout:
+                    raise JobError(ErrorCode.TIMEOUT, f"ffmpeg ran past its {self._time_limit:g}s limit") \
+                        from timeout
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()

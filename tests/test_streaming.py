@@ -266,6 +266,21 @@ async def test_chunked_mode_is_accepted_by_plain_moto(plain_s3_storage: Storage,
     assert await plain_s3_storage.list_multipart_uploads() == []
 
 
+async def test_chunked_mode_with_a_failing_producer_leaves_no_object(
+    plain_s3_storage: Storage, session: aiohttp.ClientSession
+):
+    key = "converted/chunked-broken.mp3"
+    dies = [sys.executable, "-c", "import os, sys; sys.stdout.buffer.write(os.urandom(3 << 20)); "
+            "sys.stdout.flush(); sys.exit(1)"]
+    target = await prepare_target(plain_s3_storage, key, max_bytes=50 * MiB, mode=UploadMode.CHUNKED)
+    async with FfmpegProcess(dies) as producer:
+        with pytest.raises(JobError) as failure:
+            await stream_to_target(producer.stdout, target, session=session, max_bytes=50 * MiB,
+                                   source_done=producer.check)
+    assert failure.value.code is ErrorCode.CONVERSION_FAILED
+    await assert_nothing_left(plain_s3_storage, key)
+
+
 # ------------------------------------------------------------------------------- backpressure
 
 
@@ -376,8 +391,8 @@ async def test_persistent_5xx_ends_in_storage_unavailable_and_the_upload_is_abor
     await assert_nothing_left(strict_storage, "converted/out.mp3")
 
 
-async def test_an_expired_part_url_fails_the_upload_and_leaves_no_open_upload(
-    strict_storage: Storage, session: aiohttp.ClientSession
+async def test_an_expired_part_url_fails_the_upload_without_retrying_and_leaves_no_open_upload(
+    strict_s3, strict_storage: Storage, session: aiohttp.ClientSession
 ):
     key = "converted/expired.mp3"
     # X-Amz-Expires=0: expired the moment it is made, no clock games and no sleep
@@ -388,6 +403,8 @@ async def test_an_expired_part_url_fails_the_upload_and_leaves_no_open_upload(
                                    source_done=producer.check, retry=QUICK_RETRY)
     assert failure.value.code is ErrorCode.UPLOAD_FAILED and failure.value.retryable
     assert "403" in failure.value.detail
+    tried = [seen.query["partNumber"] for seen in strict_s3.requests if "partNumber" in seen.query]
+    assert tried and len(tried) == len(set(tried))  # a 403 is final: no part was sent twice
     await assert_nothing_left(strict_storage, key)
 
 

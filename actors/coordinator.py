@@ -1,0 +1,338 @@
+"""The coordinator: accepts requests, owns the job record, presigns, drives the flow, announces results.
+
+It never touches file data: it presigns the upload for the uploader, completes the multipart
+upload from the part ETags the uploader reports, and presigns the download URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from datetime import timedelta
+
+import msgspec
+
+from actors.guard import check_url
+from actors.jobs import (
+    TERMINAL,
+    JobRecord,
+    decode_record,
+    encode_record,
+    enter,
+    job_id_for,
+    may_advance,
+    new_record,
+    outbox_of,
+    timings,
+    utcnow,
+)
+from actors.planning import progress_percent, validate_request
+from actors.runtime import Actor, Context
+from actors.streaming import plan_parts
+from actors.wiring import storage_config
+from messages.codec import decode, new_id
+from messages.errors import Error, ErrorCode, JobError
+from messages.types import (
+    Base,
+    ConvertRequested,
+    JobCompleted,
+    JobFailed,
+    JobProgress,
+    MediaPlan,
+    MediaResolved,
+    PartUpload,
+    ResolveMedia,
+    Stage,
+    StepFailed,
+    Streamed,
+    StreamToStorage,
+    UploadMode,
+    UploadTarget,
+    Verified,
+    VerifyObject,
+)
+from storage import JobStore, Storage, StorageUnavailable, WriteConflict, object_key
+
+log = logging.getLogger("getgoodtape.coordinator")
+
+#: extra validity of upload URLs beyond the job's time limit (queueing before the uploader starts)
+UPLOAD_URL_SLACK_S = 600
+#: characters kept of a title in the download filename
+FILENAME_CHARS = 120
+
+
+def download_filename(title: str, extension: str, job_id: str) -> str:
+    """A friendly, safe filename for the download: the title without path or control characters."""
+    clean = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", " ", title).strip(" .")[:FILENAME_CHARS].strip()
+    return f"{clean or job_id}.{extension}"
+
+
+class Coordinator(Actor):
+    """Owns every job: its record, its presigned URLs and its final event."""
+
+    name = "coordinator"
+
+    async def setup(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+        self.storage = await self._stack.enter_async_context(Storage(storage_config(self.settings)))
+        self.public = self.storage
+        if self.settings.s3_public_endpoint:
+            self.public = await self._stack.enter_async_context(
+                Storage(storage_config(self.settings, public=True)))
+        self.jobs = JobStore(self.storage)
+
+    async def teardown(self) -> None:
+        await self._stack.aclose()
+
+    # ------------------------------------------------------------------------------ the record
+
+    async def load(self, job_id: str) -> tuple[JobRecord, str] | None:
+        """The job's record and its ETag, or None."""
+        found = await self.jobs.load(job_id)
+        return (decode_record(found[0]), found[1]) if found else None
+
+    async def _commit(self, record: JobRecord, etag: str | None, ctx: Context, commands: list[Base]) -> None:
+        """Save the transition, then publish its commands (kept in the outbox for redeliveries)."""
+        record.trigger = ctx.envelope.message_id
+        record.outbox = outbox_of([(c, new_id()) for c in commands])
+        try:
+            await self.jobs.save(record.job_id, encode_record(record), etag=etag)
+        except WriteConflict as exc:
+            raise JobError(ErrorCode.INTERNAL, "job record changed concurrently; retrying", retryable=True) from exc
+        except StorageUnavailable as exc:
+            raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
+        await self._publish_outbox(record)
+
+    async def _publish_outbox(self, record: JobRecord) -> None:
+        for entry in record.outbox:
+            message = decode(entry.body, type_name_hint=entry.type)
+            from messages.codec import envelope_for
+
+            await self.bus.publish(message, envelope=envelope_for(message, message_id=entry.message_id))
+        if record.stage in TERMINAL:
+            await self._announce(record)
+
+    async def _redelivered(self, record: JobRecord, ctx: Context) -> bool:
+        """True (after republishing its effects) when this message already made the current state."""
+        if record.trigger and record.trigger == ctx.envelope.message_id:
+            log.info("redelivered trigger: republishing its commands", extra={"stage": record.stage.value})
+            await self._publish_outbox(record)
+            return True
+        return False
+
+    async def _progress(self, record: JobRecord, stage: Stage, fraction: float, detail: str = "") -> None:
+        percent = progress_percent(stage, fraction)
+        await self.bus.publish(JobProgress(job_id=record.job_id, stage=stage, percent=percent, detail=detail))
+
+    async def _announce(self, record: JobRecord) -> None:
+        """Publish the final event on ggt.events, and to the requester's reply-to queue."""
+        final: Base
+        if record.stage == Stage.COMPLETED and record.result is not None:
+            final = record.result
+        else:
+            final = JobFailed(job_id=record.job_id, stage=_failed_stage(record),
+                              error=record.error or Error.of(ErrorCode.INTERNAL))
+        await self.bus.publish(final)
+        if record.reply_to:
+            await self.bus.reply(record.reply_to, final)
+
+    # ---------------------------------------------------------------------------- the handlers
+
+    async def convert(self, message: ConvertRequested, ctx: Context) -> None:
+        """A new request: validate, create the job (or recognise a duplicate), ask for a plan."""
+        job_id = job_id_for(message, message_id=ctx.envelope.message_id)
+        reply_to = message.reply_to or ctx.reply_to
+        found = await self.load(job_id)
+        if found is not None:
+            record, _ = found
+            log.info("duplicate request: same job", extra={"job_id": job_id, "stage": record.stage.value})
+            if record.stage in TERMINAL and reply_to:
+                await self._announce(msgspec.structs.replace(record, reply_to=reply_to))
+            return
+        now = utcnow()
+        record = new_record(job_id, message, now=now, reply_to=reply_to)
+        error = validate_request(message, max_duration=self.settings.max_duration)
+        if error is None:
+            try:
+                check_url(message.url, allow=self.settings.allow_networks)
+            except JobError as exc:
+                error = exc.to_error()
+        if error is not None:
+            enter(record, Stage.FAILED, now=now)
+            record.error = error
+            await self._commit(record, None, ctx, [])
+            return
+        await self._commit(record, None, ctx, [ResolveMedia(job_id=job_id, request=message)])
+        await self._progress(record, Stage.PREPARING, 0.1, "resolving the media")
+
+    async def media_resolved(self, message: MediaResolved, ctx: Context) -> None:
+        """The plan is ready: presign the upload and hand the job to an uploader."""
+        found = await self._record_for(message.job_id)
+        if found is None:
+            return
+        record, etag = found
+        if await self._redelivered(record, ctx) or not may_advance(
+                record, expected=Stage.PREPARING, replayed=ctx.envelope.replays > 0):
+            return
+        plan = message.plan
+        record.key = record.key or object_key(record.job_id, plan.extension, now=record.created_at)
+        record.plan = plan
+        record.target = await self._prepare_upload(record.key, plan)
+        enter(record, Stage.CONVERTING, now=utcnow(), percent=progress_percent(Stage.CONVERTING, 0))
+        command = StreamToStorage(job_id=record.job_id, plan=plan, target=record.target,
+                                  time_limit=self.settings.job_time_limit)
+        await self._commit(record, etag, ctx, [command])
+        await self._progress(record, Stage.CONVERTING, 0.0, "converting and uploading")
+
+    async def streamed(self, message: Streamed, ctx: Context) -> None:
+        """Every byte is stored: complete the multipart upload and ask for verification."""
+        found = await self._record_for(message.job_id)
+        if found is None:
+            return
+        record, etag = found
+        if await self._redelivered(record, ctx) or not may_advance(
+                record, expected=Stage.CONVERTING, replayed=ctx.envelope.replays > 0):
+            return
+        assert record.plan is not None and record.target is not None
+        if message.key != record.key:
+            raise JobError(ErrorCode.UPLOAD_FAILED, f"uploader stored {message.key}, expected {record.key}")
+        multipart = record.target.multipart
+        if message.upload_mode == "multipart":
+            await self._storage_call(self.storage.complete_multipart(
+                record.key, message.upload_id, [(p.number, p.etag) for p in message.parts]))
+        elif multipart is not None:  # the uploader aborts it too; make sure nothing stays open
+            await self._storage_call(self.storage.abort_multipart(record.key, multipart.upload_id))
+        record.streamed = message
+        enter(record, Stage.VERIFYING, now=utcnow(), percent=progress_percent(Stage.VERIFYING, 0))
+        plan = record.plan
+        command = VerifyObject(job_id=record.job_id, key=record.key, size=message.size, etag=message.etag,
+                               content_type=plan.content_type, format=plan.format, duration=plan.duration,
+                               expect_codecs=plan.expect_codecs)
+        await self._commit(record, etag, ctx, [command])
+        await self._progress(record, Stage.VERIFYING, 0.0, "verifying the stored file")
+
+    async def verified(self, message: Verified, ctx: Context) -> None:
+        """The verdict: presign the download and complete the job, or delete the object and fail it."""
+        found = await self._record_for(message.job_id)
+        if found is None:
+            return
+        record, etag = found
+        if await self._redelivered(record, ctx) or not may_advance(
+                record, expected=Stage.VERIFYING, replayed=ctx.envelope.replays > 0):
+            return
+        if not message.ok:
+            await self._fail(record, etag, ctx, Error.of(ErrorCode.VERIFICATION_FAILED, "; ".join(message.problems)))
+            return
+        assert record.plan is not None and record.streamed is not None
+        now = utcnow()
+        enter(record, Stage.FINISHING, now=now)
+        ttl = self.settings.download_url_ttl
+        url = await self.public.presign_get(
+            record.key, expires=ttl,
+            filename=download_filename(record.plan.title, record.plan.extension, record.job_id))
+        enter(record, Stage.COMPLETED, now=now, percent=100.0)
+        record.result = JobCompleted(
+            job_id=record.job_id, download_url=url, expires_at=(now + timedelta(seconds=ttl)).isoformat(),
+            key=record.key, format=record.plan.format, quality=record.plan.quality,
+            content_type=record.plan.content_type, size=record.streamed.size, sha256=record.streamed.sha256,
+            duration=message.duration or record.plan.duration, title=record.plan.title,
+            timings=timings(record, now=now),
+        )
+        await self._commit(record, etag, ctx, [])
+        await self._sweep_uploads(record)
+
+    async def step_failed(self, message: StepFailed, ctx: Context) -> None:
+        """A step failed: clean up and fail the job (announced even for a job never recorded)."""
+        found = await self._record_for(message.job_id)
+        if found is None:
+            final = JobFailed(job_id=message.job_id, error=message.error, stage=Stage.PREPARING)
+            await self.bus.publish(final)
+            if ctx.reply_to:
+                await self.bus.reply(ctx.reply_to, final)
+            return
+        record, etag = found
+        if await self._redelivered(record, ctx) or record.stage in TERMINAL:
+            return
+        await self._fail(record, etag, ctx, message.error)
+
+    async def on_failure(self, message: Base | None, error: Error, ctx: Context) -> None:
+        """The coordinator's own step failed: fail the job directly (no StepFailed to itself)."""
+        job_id = getattr(message, "job_id", None) or ctx.envelope.job_id
+        if isinstance(message, ConvertRequested):
+            job_id = job_id_for(message, message_id=ctx.envelope.message_id)
+        if not job_id:
+            return
+        found = await self._record_for(job_id)
+        if found is None:
+            final = JobFailed(job_id=job_id, error=error, stage=Stage.PREPARING)
+            await self.bus.publish(final)
+            reply_to = getattr(message, "reply_to", None) or ctx.reply_to
+            if reply_to:
+                await self.bus.reply(reply_to, final)
+            return
+        record, etag = found
+        if record.stage not in TERMINAL:
+            await self._fail(record, etag, ctx, error)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    async def _record_for(self, job_id: str) -> tuple[JobRecord, str] | None:
+        try:
+            found = await self.load(job_id)
+        except StorageUnavailable as exc:
+            raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
+        if found is None:
+            log.warning("message for an unknown job ignored", extra={"job_id": job_id})
+        return found
+
+    async def _storage_call(self, call):
+        try:
+            return await call
+        except StorageUnavailable as exc:
+            raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
+
+    async def _prepare_upload(self, key: str, plan: MediaPlan) -> UploadTarget:
+        """Presigned URLs covering the plan's maximum size: a single PUT, parts and an abort."""
+        expires = int(self.settings.job_time_limit + UPLOAD_URL_SLACK_S)
+        mode = UploadMode(self.settings.upload_mode)
+        put_url = await self.storage.presign_put(key, content_type=plan.content_type, expires=expires)
+        multipart = None
+        if mode == UploadMode.AUTO:
+            part_size, count = plan_parts(plan.max_bytes, part_size=self.settings.part_size)
+            upload_id = await self._storage_call(self.storage.create_multipart(key, content_type=plan.content_type))
+            multipart = PartUpload(
+                upload_id=upload_id, part_size=part_size,
+                part_urls=await self.storage.presign_parts(key, upload_id, count=count, expires=expires),
+                abort_url=await self.storage.presign_abort(key, upload_id, expires=expires),
+            )
+        return UploadTarget(key=key, content_type=plan.content_type, put_url=put_url, mode=mode,
+                            multipart=multipart,
+                            expires_at=(utcnow() + timedelta(seconds=expires)).isoformat())
+
+    async def _fail(self, record: JobRecord, etag: str, ctx: Context, error: Error) -> None:
+        """Abort what is open, delete what is stored, record and announce the failure."""
+        target = record.target
+        if target is not None:
+            with contextlib.suppress(StorageUnavailable):
+                if target.multipart is not None and (record.streamed is None
+                                                     or record.streamed.upload_mode != "multipart"
+                                                     or record.stage == Stage.CONVERTING):
+                    await self.storage.abort_multipart(record.key, target.multipart.upload_id)
+                await self.storage.delete(record.key)
+        enter(record, Stage.FAILED, now=utcnow())
+        record.error = error
+        await self._commit(record, etag, ctx, [])
+
+    async def _sweep_uploads(self, record: JobRecord) -> None:
+        """Abort any multipart upload of this job's key left by a crash between create and save."""
+        with contextlib.suppress(StorageUnavailable):
+            for upload in await self.storage.list_multipart_uploads(prefix=record.key):
+                if upload.key == record.key:
+                    await self.storage.abort_multipart(upload.key, upload.upload_id)
+
+
+def _failed_stage(record: JobRecord) -> Stage:
+    started = [s for s in record.stage_started if s not in (Stage.FAILED.value, Stage.COMPLETED.value)]
+    return Stage(started[-1]) if started else Stage.PREPARING
+

@@ -1,0 +1,149 @@
+"""The job record and the pure decisions about it: job ids, which step a message may advance, timings.
+
+The coordinator keeps one JobRecord per job as JSON under ``jobs/<job id>.json`` in the bucket
+(storage.JobStore), so replicas share it and it survives restarts. Every transition is saved
+(optimistic concurrency on the record's ETag) *before* its outgoing commands are published; the
+commands are kept in the record's outbox with their message ids, so a redelivered trigger
+republishes exactly the same commands instead of redoing the step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import msgspec
+
+from messages.errors import Error
+from messages.types import (
+    Base,
+    ConvertRequested,
+    JobCompleted,
+    MediaPlan,
+    Stage,
+    Streamed,
+    UploadTarget,
+)
+
+#: namespace of job ids derived from idempotency keys or message ids (uuid5)
+JOB_ID_NAMESPACE = uuid.UUID("6f1c4e1e-8f0b-4c7e-9d43-6b2f3b7a9c10")
+
+#: stages in the order a job passes them
+ORDER = (Stage.QUEUED, Stage.PREPARING, Stage.CONVERTING, Stage.VERIFYING, Stage.FINISHING, Stage.COMPLETED)
+TERMINAL = (Stage.COMPLETED, Stage.FAILED)
+
+
+class OutboxEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A command the last transition published, kept to republish it identically."""
+
+    type: str
+    message_id: str
+    body: bytes
+
+
+class JobRecord(msgspec.Struct, kw_only=True):
+    """Everything known about one job."""
+
+    job_id: str
+    request: ConvertRequested
+    stage: Stage
+    created_at: datetime
+    updated_at: datetime
+    reply_to: str | None = None
+    percent: float = 0.0
+    key: str = ""
+    plan: MediaPlan | None = None
+    target: UploadTarget | None = None
+    streamed: Streamed | None = None
+    result: JobCompleted | None = None
+    error: Error | None = None
+    #: when each stage began (stage → ISO time)
+    stage_started: dict[str, datetime] = {}
+    #: the message that caused the current state, and what it published
+    trigger: str = ""
+    outbox: list[OutboxEntry] = []
+    #: how many times a dead-lettered step of this job was replayed into it
+    revivals: int = 0
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(JobRecord)
+
+
+def encode_record(record: JobRecord) -> bytes:
+    """The record as stored."""
+    return _encoder.encode(record)
+
+
+def decode_record(data: bytes) -> JobRecord:
+    """A stored record."""
+    return _decoder.decode(data)
+
+
+def job_id_for(request: ConvertRequested, *, message_id: str) -> str:
+    """The job a request belongs to: its own job id, else one derived from its idempotency key,
+    else one derived from the message id (so a redelivered request is the same job)."""
+    if request.job_id:
+        return request.job_id
+    if request.idempotency_key:
+        return uuid.uuid5(JOB_ID_NAMESPACE, "key:" + request.idempotency_key).hex
+    return uuid.uuid5(JOB_ID_NAMESPACE, "msg:" + message_id).hex
+
+
+def new_record(job_id: str, request: ConvertRequested, *, now: datetime, reply_to: str | None) -> JobRecord:
+    """A fresh record for a request just accepted."""
+    return JobRecord(job_id=job_id, request=request, stage=Stage.PREPARING, created_at=now, updated_at=now,
+                     reply_to=reply_to, stage_started={Stage.PREPARING.value: now})
+
+
+def may_advance(record: JobRecord, *, expected: Stage, replayed: bool) -> bool:
+    """Whether a step result that belongs to stage ``expected`` may move the job on.
+
+    A result for an earlier or later stage is a duplicate (ignored). A job that failed with a
+    retryable error is revived when the step is replayed from a dead-letter queue.
+    """
+    if record.stage == expected:
+        return True
+    return (record.stage == Stage.FAILED and replayed and record.error is not None and record.error.retryable
+            and _stage_before_failure(record) == expected)
+
+
+def _stage_before_failure(record: JobRecord) -> Stage:
+    started = [Stage(s) for s in record.stage_started if Stage(s) in ORDER]
+    return max(started, key=ORDER.index) if started else Stage.PREPARING
+
+
+def enter(record: JobRecord, stage: Stage, *, now: datetime, percent: float | None = None) -> None:
+    """Move the record to ``stage`` (recording when it began)."""
+    record.stage = stage
+    record.updated_at = now
+    record.stage_started[stage.value] = now
+    if percent is not None:
+        record.percent = max(record.percent, percent)
+    if stage != Stage.FAILED:
+        record.error = None
+
+
+def timings(record: JobRecord, *, now: datetime) -> dict[str, float]:
+    """Seconds spent in each stage so far, and the total."""
+    marks = sorted(((t, s) for s, t in record.stage_started.items()), key=lambda x: x[0])
+    out: dict[str, float] = {}
+    for (start, stage), (end, _) in zip(marks, [*marks[1:], (now, "")], strict=True):
+        if stage in (Stage.COMPLETED.value, Stage.FAILED.value):
+            continue
+        out[stage] = round(out.get(stage, 0.0) + (end - start).total_seconds(), 3)
+    out["total"] = round((now - record.created_at).total_seconds(), 3)
+    return out
+
+
+def outbox_of(messages: list[tuple[Base, str]]) -> list[OutboxEntry]:
+    """Outbox entries for (message, message id) pairs."""
+    from messages.codec import encode
+    from messages.types import type_name
+
+    return [OutboxEntry(type=type_name(type(m)), message_id=mid, body=encode(m)) for m, mid in messages]
+
+
+def utcnow() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)

@@ -1,0 +1,108 @@
+"""The verifier: checks the stored object against what was streamed, then probes the media itself.
+
+HEAD: size, ETag (md5 or md5-of-md5s) and Content-Type. Probe through a presigned GET: container,
+codecs, and a duration within 2 % or 0.5 s of the expected one — which catches a source that was
+cut off mid-way even when ffmpeg exited cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from actors.probe import ProbeResult, ffprobe
+from actors.runtime import Actor, Context
+from actors.wiring import storage_config
+from messages.errors import ErrorCode, JobError
+from messages.types import Format, Verified, VerifyObject
+from storage import ObjectInfo, Storage, StorageUnavailable
+
+#: relative and absolute duration tolerance: within 2 % or 0.5 s of the expected duration
+DURATION_TOLERANCE = 0.02
+DURATION_TOLERANCE_S = 0.5
+#: seconds the probe's presigned GET stays valid
+PROBE_URL_TTL = 900
+
+#: ffprobe's format_name must contain one of these for each output format
+CONTAINERS: dict[Format, tuple[str, ...]] = {
+    Format.MP3: ("mp3",),
+    Format.M4A: ("mp4", "m4a", "mov"),
+    Format.OPUS: ("ogg",),
+    Format.FLAC: ("flac",),
+    Format.WAV: ("wav",),
+    Format.MP4: ("mp4", "mov"),
+    Format.WEBM: ("webm", "matroska"),
+}
+
+
+def object_problems(head: ObjectInfo | None, message: VerifyObject) -> list[str]:
+    """What is wrong with the stored object's metadata (empty when nothing is)."""
+    if head is None:
+        return ["the object is missing from storage"]
+    problems = []
+    if head.size != message.size:
+        problems.append(f"size {head.size} differs from the {message.size} bytes streamed")
+    if head.etag.strip('"') != message.etag.strip('"'):
+        problems.append(f"ETag {head.etag} differs from the {message.etag} computed while streaming")
+    if head.content_type.split(";")[0].strip() != message.content_type:
+        problems.append(f"Content-Type {head.content_type!r} is not {message.content_type!r}")
+    return problems
+
+
+def duration_ok(measured: float | None, expected: float) -> bool:
+    """Whether ``measured`` is within 2 % or 0.5 s of ``expected``."""
+    if measured is None:
+        return False
+    return abs(measured - expected) <= max(DURATION_TOLERANCE * expected, DURATION_TOLERANCE_S)
+
+
+def media_problems(probe: ProbeResult, message: VerifyObject) -> list[str]:
+    """What is wrong with the media: container, codecs, duration (empty when nothing is)."""
+    problems = []
+    if not any(name in probe.format_name for name in CONTAINERS[message.format]):
+        problems.append(f"container {probe.format_name!r} is not {message.format.value}")
+    for kind, codec in message.expect_codecs.items():
+        stream = probe.first(kind)
+        if stream is None:
+            problems.append(f"no {kind} stream (expected {codec})")
+        elif stream.codec_name != codec:
+            problems.append(f"{kind} codec {stream.codec_name!r} is not {codec!r}")
+    measured = probe.best_duration
+    if not duration_ok(measured, message.duration):
+        problems.append(f"duration {measured if measured is None else round(measured, 3)} s is not within "
+                        f"2 % or 0.5 s of {message.duration:.3f} s (source cut off?)")
+    return problems
+
+
+class Verifier(Actor):
+    """VerifyObject → HEAD + probe → Verified."""
+
+    name = "verifier"
+
+    async def setup(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+        self.storage = await self._stack.enter_async_context(Storage(storage_config(self.settings)))
+
+    async def teardown(self) -> None:
+        await self._stack.aclose()
+
+    async def verify(self, message: VerifyObject, ctx: Context) -> None:
+        """Check the object and publish the verdict."""
+        try:
+            head = await self.storage.head(message.key)
+        except StorageUnavailable as exc:
+            raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
+        problems = object_problems(head, message)
+        measured = 0.0
+        if not problems:
+            url = await self.storage.presign_get(message.key, expires=PROBE_URL_TTL)
+            # piped FLAC and WebM carry no duration in their headers: count packets for those
+            count = message.format in (Format.FLAC, Format.WEBM, Format.OPUS)
+            try:
+                probe = await ffprobe(url, timeout=min(300.0, self.settings.job_time_limit), count_packets=count)
+            except JobError as exc:
+                problems.append(f"the stored file cannot be probed: {exc.detail or exc.code}")
+            else:
+                problems += media_problems(probe, message)
+                measured = probe.best_duration or 0.0
+        await ctx.publish(Verified(job_id=message.job_id, key=message.key, ok=not problems,
+                                   problems=problems, duration=round(measured, 3)))

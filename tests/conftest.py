@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.broker",
     "tests.fixtures.s3",
     "tests.fixtures.media",
+    "tests.fixtures.pipeline",
 ]

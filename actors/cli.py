@@ -53,6 +53,28 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_s3(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from storage.embedded import EmbeddedS3
+
+    settings = load_settings()
+    s3 = EmbeddedS3(bucket=settings.s3_bucket, port=args.port)
+    s3.start()
+    cfg = s3.config
+    print(f"embedded S3 on {cfg.endpoint} (bucket {cfg.bucket}); for the actors:\n"
+          f"  export GGT_S3_ENDPOINT={cfg.endpoint} GGT_S3_BUCKET={cfg.bucket} "
+          f"GGT_S3_ACCESS_KEY_ID={cfg.access_key_id} GGT_S3_SECRET_ACCESS_KEY={cfg.secret_access_key}",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    s3.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="getgoodtape", description=__doc__)
@@ -66,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="write the JSON Schema of the public messages")
     schema.add_argument("-o", "--out", help="directory to write <type>.schema.json files into (default: stdout)")
     schema.set_defaults(fn=_cmd_schema)
+
+    s3 = sub.add_parser("s3", help="serve the embedded S3 on loopback (development: actors as separate processes)")
+    s3.add_argument("--port", type=int, default=9000)
+    s3.set_defaults(fn=_cmd_s3)
 
     for extra in _extra_commands():
         extra(sub)

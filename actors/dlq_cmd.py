@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -290,6 +292,12 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except BusError as exc:
         print(f"getgoodtape dlq: the broker failed: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except BrokenPipeError:
+        # the reader went away (``| head``): the work is done and settled, only the report is cut short;
+        # point stdout at devnull so the interpreter's final flush does not complain again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_INCOMPLETE
 
 

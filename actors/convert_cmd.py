@@ -144,7 +144,7 @@ async def save(url: str, output: Path) -> None:
                 f.write(chunk)
 
 
-def report(final: JobCompleted | JobFailed, *, saved: Path | None, as_json: bool) -> int:
+def report(final: JobCompleted | JobFailed, *, saved: Path | None, as_json: bool, embedded: bool = False) -> int:
     """Print the outcome; the process exit status."""
     if as_json:
         sys.stdout.write(msgspec.json.encode(final).decode() + "\n")
@@ -158,7 +158,8 @@ def report(final: JobCompleted | JobFailed, *, saved: Path | None, as_json: bool
     console.print("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in final.timings.items()))
     if saved:
         console.print(f"  saved to {saved}")
-    console.print(f"  download URL (valid until {final.expires_at}):")
+    console.print(f"  download URL (valid until {final.expires_at}"
+                  f"{'; the embedded S3 ends with this process' if embedded else ''}):")
     print(final.download_url)
     return 0
 
@@ -172,6 +173,7 @@ def local_source(source: str) -> Path | None:
 async def run_convert(args: argparse.Namespace, settings: Settings, *, local: Path | None) -> int:
     """Everything of ``getgoodtape convert``; ``local`` is the file to serve, if SOURCE is one."""
     source = args.source
+    embedded = not settings.s3_endpoint
     async with contextlib.AsyncExitStack() as stack:
         if local is not None:
             source = await stack.enter_async_context(serve_local_file(local))
@@ -199,7 +201,7 @@ async def run_convert(args: argparse.Namespace, settings: Settings, *, local: Pa
             saved = Path(args.output) if args.output else Path(f"{_safe_name(final.title, request.job_id)}.{local_ext(final)}")
             await save(final.download_url, saved)
         console.print(f"  wall time {time.monotonic() - started:.2f} s")
-        return report(final, saved=saved, as_json=args.json)
+        return report(final, saved=saved, as_json=args.json, embedded=embedded)
 
 
 def local_ext(final: JobCompleted) -> str:

@@ -190,13 +190,14 @@ def test_multipart_etag_is_md5_of_part_md5s_with_count():
 @pytest.mark.parametrize(
     ("size", "mode", "parts"),
     [
+        (0, "single", 0),
         (1000, "single", 0),
         (PART - 1, "single", 0),
         (PART, "single", 0),
         (PART + 1, "multipart", 2),
         (100_000_000, "multipart", 20),
     ],
-    ids=["1KB", "5MiB-1", "5MiB", "5MiB+1", "100MB"],
+    ids=["empty", "1KB", "5MiB-1", "5MiB", "5MiB+1", "100MB"],
 )
 async def test_output_is_stored_byte_exact_through_the_strict_front(
     strict_storage: Storage, session: aiohttp.ClientSession, size: int, mode: str, parts: int

@@ -235,26 +235,31 @@ async def _cmd_show(bus: Bus, args: argparse.Namespace, out: TextIO) -> int:
 
 async def _cmd_replay(bus: Bus, args: argparse.Namespace, out: TextIO) -> int:
     outcomes = await replay(bus, actor=args.actor, filters=filter_of(args, now=_now()), limit=args.limit,
-                            dry_run=args.dry_run, max_replays=args.max_replays)
-    _report(outcomes, args, out)
+                            dry_run=args.dry_run, max_replays=args.max_replays, report=_line_printer(args, out))
+    _finish_report(outcomes, args, out)
     return EXIT_INCOMPLETE if any(o.action is Action.SKIPPED for o in outcomes) else EXIT_OK
 
 
 async def _cmd_purge(bus: Bus, args: argparse.Namespace, out: TextIO) -> int:
     outcomes = await purge(bus, actor=args.actor, filters=filter_of(args, now=_now()), limit=args.limit,
-                           dry_run=args.dry_run)
-    _report(outcomes, args, out)
+                           dry_run=args.dry_run, report=_line_printer(args, out))
+    _finish_report(outcomes, args, out)
     return EXIT_OK
 
 
-def _report(outcomes: Sequence[Outcome], args: argparse.Namespace, out: TextIO) -> None:
+def _line_printer(args: argparse.Namespace, out: TextIO) -> Callable[[Outcome], None] | None:
+    """Print each outcome as it happens (so a broker failure midway still shows what was done)."""
+    if args.json:
+        return None
+    return lambda outcome: print(outcome_line(outcome), file=out, flush=True)
+
+
+def _finish_report(outcomes: Sequence[Outcome], args: argparse.Namespace, out: TextIO) -> None:
     if args.json:
         json.dump([outcome_json(o) for o in outcomes], out, indent=2)
         print(file=out)
-        return
-    for outcome in outcomes:
-        print(outcome_line(outcome), file=out)
-    print(summary_line(outcomes, dry_run=args.dry_run), file=out)
+    else:
+        print(summary_line(outcomes, dry_run=args.dry_run), file=out)
 
 
 def _now() -> datetime:
@@ -281,24 +286,36 @@ def _run(args: argparse.Namespace) -> int:
         print(_NO_BROKER, file=sys.stderr)
         return EXIT_USAGE
     try:
-        actors_of(args.actor)
-        if args.command_fn is not _cmd_show:
-            filter_of(args, now=_now())  # refuse a bad time before touching the broker
-        if args.command_fn is _cmd_purge and not (args.yes or args.dry_run):
-            raise UsageError("purge deletes dead letters for good: add --yes (or look first with --dry-run)")
-        return asyncio.run(_with_bus(settings, lambda bus: args.command_fn(bus, args, sys.stdout)))
-    except (UsageError, ValueError) as exc:
+        _check(args)  # a bad actor, time or missing --yes is refused before touching the broker
+    except UsageError as exc:
         print(f"getgoodtape dlq: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except BusError as exc:
-        print(f"getgoodtape dlq: the broker failed: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE
+    try:
+        return asyncio.run(_with_bus(settings, lambda bus: args.command_fn(bus, args, sys.stdout)))
     except BrokenPipeError:
-        # the reader went away (``| head``): the work is done and settled, only the report is cut short;
-        # point stdout at devnull so the interpreter's final flush does not complain again
+        # the reader went away (``| head``): the run stopped; what was reported is done, every other
+        # letter is back in its queue. Point stdout at devnull so the final flush does not complain.
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_INCOMPLETE
+    except (BusError, OSError, aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError) as exc:
+        # letters already settled were reported line by line; every other one is still in its DLQ
+        # (the broker puts back what this connection held when it goes away)
+        print(f"getgoodtape dlq: the broker failed: {exc!r}; letters not reported above as replayed or "
+              f"purged are still in their dead-letter queue", file=sys.stderr)
+        return EXIT_INCOMPLETE
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Raise UsageError for a command line that cannot be carried out."""
+    try:
+        actors_of(args.actor)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.command_fn is not _cmd_show:
+        filter_of(args, now=_now())
+    if args.command_fn is _cmd_purge and not (args.yes or args.dry_run):
+        raise UsageError("purge deletes dead letters for good: add --yes (or look first with --dry-run)")
 
 
 # ------------------------------------------------------------------------------------------ parser

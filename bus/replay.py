@@ -171,11 +171,13 @@ T = TypeVar("T")
 
 
 async def _visit(bus: Bus, *, actor: str, filters: LetterFilter, limit: int | None,
-                 handle: Callable[[DeadLetterBatch, int, DeadLetter], Awaitable[T]]) -> list[T]:
+                 handle: Callable[[DeadLetterBatch, int, DeadLetter], Awaitable[T]],
+                 report: Callable[[T], None] | None = None) -> list[T]:
     """Run ``handle`` on the first ``limit`` matching letters of each named DLQ, in queue order.
 
     Each queue is taken whole (to find matches anywhere in it) and every letter ``handle`` did not
-    remove is put back in order, also when ``handle`` raises or the call is cancelled.
+    remove is put back in order, also when ``handle`` raises or the call is cancelled. ``report``
+    hears each result as it happens, so a caller can tell what was done before a failure.
     """
     outcomes: list[T] = []
     for name in actors_of(actor):
@@ -187,7 +189,9 @@ async def _visit(bus: Bus, *, actor: str, filters: LetterFilter, limit: int | No
                 if limit is not None and len(outcomes) >= limit:
                     break
                 if matches(letter, filters):
-                    outcomes.append(await handle(batch, index, letter))
+                    outcomes.append(result := await handle(batch, index, letter))
+                    if report is not None:
+                        report(result)
         finally:
             await batch.close()
     return outcomes
@@ -204,13 +208,14 @@ async def list_letters(bus: Bus, *, actor: str = ALL_ACTORS, filters: LetterFilt
 
 
 async def replay(bus: Bus, *, actor: str = ALL_ACTORS, filters: LetterFilter = LetterFilter(),
-                 limit: int | None = None, dry_run: bool = False,
-                 max_replays: int = DEFAULT_MAX_REPLAYS) -> list[Outcome]:
+                 limit: int | None = None, dry_run: bool = False, max_replays: int = DEFAULT_MAX_REPLAYS,
+                 report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Republish the matching letters to their original destinations; remove each after its confirm.
 
     Letters at the replay cap, or whose publish fails (unroutable, no confirm), stay in the DLQ and
     come back as SKIPPED with the reason. ``limit`` bounds the matching letters considered (refused
-    ones count). With ``dry_run`` nothing is published or removed.
+    ones count). With ``dry_run`` nothing is published or removed. ``report`` hears each outcome as
+    it happens.
     """
 
     async def replay_one(batch: DeadLetterBatch, index: int, letter: DeadLetter) -> Outcome:
@@ -230,19 +235,20 @@ async def replay(bus: Bus, *, actor: str = ALL_ACTORS, filters: LetterFilter = L
         await batch.remove(index)  # only after the confirm: a crash before this duplicates, never loses
         return Outcome(letter=letter, action=Action.REPLAYED, destination=target)
 
-    return await _visit(bus, actor=actor, filters=filters, limit=limit, handle=replay_one)
+    return await _visit(bus, actor=actor, filters=filters, limit=limit, handle=replay_one, report=report)
 
 
 async def purge(bus: Bus, *, actor: str = ALL_ACTORS, filters: LetterFilter = LetterFilter(),
-                limit: int | None = None, dry_run: bool = False) -> list[Outcome]:
-    """Delete the matching letters for good (with ``dry_run``, only say which)."""
+                limit: int | None = None, dry_run: bool = False,
+                report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Delete the matching letters for good (with ``dry_run``, only say which); ``report`` as for replay."""
 
     async def purge_one(batch: DeadLetterBatch, index: int, letter: DeadLetter) -> Outcome:
         if not dry_run:
             await batch.remove(index)
         return Outcome(letter=letter, action=Action.PURGED, dry_run=dry_run)
 
-    return await _visit(bus, actor=actor, filters=filters, limit=limit, handle=purge_one)
+    return await _visit(bus, actor=actor, filters=filters, limit=limit, handle=purge_one, report=report)
 
 
 #: how an action reads in a report: (done, dry run)

@@ -16,6 +16,7 @@ from bus.base import Bus, DeadLetter, Delivery
 from bus.replay import (
     Action,
     LetterFilter,
+    Outcome,
     actors_of,
     destination,
     list_letters,
@@ -313,10 +314,12 @@ async def test_unroutable_origin_keeps_the_letter_and_reports_why(bus: Bus) -> N
     await plant(bus, "job-lost", routing_key="nobody-listens-here")
     await plant(bus, "job-ok")
 
-    outcomes = await replay(bus, actor="verifier", filters=LetterFilter())
+    heard: list[Outcome] = []
+    outcomes = await replay(bus, actor="verifier", filters=LetterFilter(), report=heard.append)
 
     assert [o.action for o in outcomes] == [Action.SKIPPED, Action.REPLAYED]
     assert "publish failed" in outcomes[0].reason
+    assert heard == outcomes, "each outcome is reported as it happens"
     assert await dlq_jobs(bus) == ["job-lost"]
 
 

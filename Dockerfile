@@ -1,9 +1,8 @@
-# syntax=docker/dockerfile:1
 # GetGoodTape: one image for every actor; the command picks which one runs.
 #   docker build -t getgoodtape:local .
 #   docker run --rm getgoodtape:local run uploader      # coordinator | converter | uploader | verifier | gateway | all
 # Configuration is GGT_* environment variables at run time (actors/settings.py); nothing secret is baked in.
-# Deployment notes: docs/DEPLOY.md.
+# Deployment notes: docs/DEPLOY.md. Needs BuildKit (Docker's default builder since 23.0) for COPY --chmod.
 
 # The Deno binary alone (official image, scratch-based). yt-dlp solves YouTube's JavaScript challenges
 # with it; keep it near the version yt-dlp tests with (its `pin-deno` extra).

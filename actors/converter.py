@@ -1,0 +1,261 @@
+"""The converter: ResolveMedia → yt-dlp (+ ffprobe for direct links) → limits checked → MediaResolved.
+
+The decisions live in ``actors.formats`` (which format, what the source is, which error code) and
+``actors.planning`` (the plan and the limits); this module does the I/O around them.
+
+Every fetch goes through the SSRF guard. yt-dlp runs in a worker thread (the guard's proxy lives on
+the event loop) with one YoutubeDL per process, made in ``setup``: the first extraction costs
+~0.4 s of imports and set-up, later ones ~0.02 s. The YoutubeDL and its guard are shared, so
+extractions in one process take turns (a lock held by the extracting thread itself): YoutubeDL is
+not made for concurrent use, its cookie jar is emptied per job, and every refusal the shared guard
+records while the lock is held belongs to that job. ffprobe, which runs per job, gets a guard of
+its own. Throughput grows with converter processes, not with concurrency inside one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import yt_dlp
+from yt_dlp import globals as ytdlp_globals
+from yt_dlp.extractor import gen_extractor_classes
+from yt_dlp.utils import DownloadError
+
+from actors.formats import probe_target, source_info, with_probe, ytdlp_error
+from actors.guard import BlockedFetch, FetchGuard, check_url
+from actors.planning import Limits, SourceInput, plan_media, validate_request
+from actors.probe import STDERR_KEEP, ProbeResult, failure_code, parse_probe_json, probe_argv
+from actors.runtime import Actor, Context
+from messages.errors import ErrorCode, JobError
+from messages.types import ConvertRequested, MediaPlan, MediaResolved, ResolveMedia
+
+log = logging.getLogger("getgoodtape.converter")
+
+#: key of yt-dlp's fallback extractor that reads any web page (its "Unsupported URL" means "no media here")
+GENERIC_EXTRACTOR = "Generic"
+#: only the first entry of a playlist is ever extracted (the rest would cost a request each)
+PLAYLIST_ITEMS = "1"
+
+
+class _YtdlpLog:
+    """yt-dlp's logger interface, forwarded to ours (its errors are raised and reported, so they log at info)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        self._log = target
+
+    def debug(self, message: str) -> None:
+        self._log.debug("yt-dlp: %s", message)
+
+    def info(self, message: str) -> None:
+        self._log.debug("yt-dlp: %s", message)
+
+    def warning(self, message: str) -> None:
+        self._log.info("yt-dlp warning: %s", message)
+
+    def error(self, message: str) -> None:
+        self._log.info("yt-dlp error: %s", message)
+
+
+def ytdlp_params(*, proxy: Mapping[str, object], network_timeout: float, max_bytes: int,
+                 logger: object) -> dict[str, Any]:
+    """YoutubeDL params for resolving untrusted URLs: no config, cache, netrc, downloads or post-processing.
+
+    ``proxy`` is the guard's ``ytdlp_options()``. Config files are a CLI feature (the API reads none);
+    plugins are switched off separately (``disable_ytdlp_plugins``).
+    """
+    return {
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "logger": logger,
+        "skip_download": True,
+        "noplaylist": True,  # a watch-URL inside a playlist means the video
+        "playlist_items": PLAYLIST_ITEMS,
+        "extract_flat": False,
+        "lazy_playlist": False,
+        "socket_timeout": network_timeout,
+        # applies to downloads only (we download nothing here); set so no code path ever exceeds it
+        "max_filesize": max_bytes,
+        "usenetrc": False,
+        "netrc_cmd": None,
+        "cachedir": False,
+        "cookiefile": None,
+        "cookiesfrombrowser": None,
+        "postprocessors": [],
+        "external_downloader": {},
+        "source_address": None,
+        "enable_file_urls": False,
+        "allow_unplayable_formats": False,
+        "check_formats": False,
+        **proxy,
+    }
+
+
+def disable_ytdlp_plugins() -> None:
+    """Keep yt-dlp from importing plugins (the API equivalent of ``--no-plugin-dirs``); call before any YoutubeDL.
+
+    yt-dlp loads plugins from its plugin directories the first time a YoutubeDL is made, unless the
+    plugin directory list is empty (``yt_dlp.globals.plugin_dirs``, checked in yt_dlp/plugins.py).
+    """
+    ytdlp_globals.plugin_dirs.value = []
+
+
+def blocked_error(blocked: list[BlockedFetch]) -> JobError | None:
+    """``url_not_allowed`` naming the first refused fetch, or None."""
+    if not blocked:
+        return None
+    first = blocked[0]
+    return JobError(ErrorCode.URL_NOT_ALLOWED, f"{first.host} resolves to {first.ip}: {first.reason}")
+
+
+class Converter(Actor):
+    """ResolveMedia → MediaResolved: resolves the URL, learns the source, checks the limits, plans."""
+
+    name = "converter"
+    step = "resolve"
+
+    async def setup(self) -> None:
+        """Start the shared guard and make the process's one YoutubeDL (plugins off)."""
+        self._stack = contextlib.AsyncExitStack()
+        self.guard = await self._stack.enter_async_context(
+            FetchGuard(allow=self.settings.allow_networks, idle_timeout=self.settings.network_timeout)
+        )
+        disable_ytdlp_plugins()
+        params = ytdlp_params(proxy=self.guard.ytdlp_options(), network_timeout=self.settings.network_timeout,
+                              max_bytes=self.settings.max_output_bytes, logger=_YtdlpLog(self.log))
+        self.ydl = yt_dlp.YoutubeDL(params)
+        self._ydl_lock = threading.Lock()
+        # yt-dlp's own order (YoutubeDL tries them in it): the first suitable extractor handles a URL
+        self._extractors = gen_extractor_classes()
+
+    async def teardown(self) -> None:
+        """Close the YoutubeDL and stop the guard."""
+        with self._ydl_lock:  # an extraction still running in a thread finishes first
+            self.ydl.close()
+        await self._stack.aclose()
+
+    async def resolve(self, message: ResolveMedia, ctx: Context) -> None:
+        """Resolve ``message.request.url`` and publish the plan (or raise a coded JobError)."""
+        plan = await self.plan_for(message.request)
+        await ctx.publish(MediaResolved(job_id=message.job_id, plan=plan))
+
+    async def plan_for(self, request: ConvertRequested) -> MediaPlan:
+        """The MediaPlan for ``request``: checks, yt-dlp, ffprobe where needed, limits."""
+        error = validate_request(request, max_duration=self.settings.max_duration)
+        if error is not None:
+            raise JobError(error.code, error.detail)
+        url = request.url.strip()
+        check_url(url, allow=self.settings.allow_networks)
+        info = await asyncio.to_thread(self._extract, url)
+        source = source_info(info, request)
+        target = probe_target(source)
+        if target is not None:
+            try:
+                probe = await self._probe(target)
+            except JobError as exc:
+                if source.duration is None or exc.code is ErrorCode.URL_NOT_ALLOWED:
+                    raise
+                # yt-dlp knew the duration; the probe was only for codecs, and ffmpeg will judge the source
+                self.log.info("probe failed; planning without codec details", extra={"code": str(exc.code)})
+            else:
+                source = with_probe(source, probe)
+        return plan_media(request=request, source=source, limits=Limits.from_settings(self.settings))
+
+    # --- yt-dlp, in a worker thread
+
+    def _extract(self, url: str) -> dict[str, Any]:
+        """yt-dlp's processed info for ``url``; raises coded JobErrors. Runs in a thread, one at a time."""
+        with self._ydl_lock:
+            # nothing else uses this guard while the lock is held: what it refuses now is this job's
+            self.guard.blocked.clear()
+            self.ydl.cookiejar.clear()  # a site's cookies from another job stay with that job
+            try:
+                info = self.ydl.extract_info(url, download=False, process=True)
+            except DownloadError as exc:
+                text = str(exc)
+                by_generic = "unsupported url" in text.lower() and self._extractor_for(url) == GENERIC_EXTRACTOR
+                raise blocked_error(self.guard.blocked) or ytdlp_error(text, by_generic=by_generic) from None
+            blocked = blocked_error(self.guard.blocked)
+            if blocked is not None:
+                raise blocked
+            if not isinstance(info, dict):
+                raise JobError(ErrorCode.NO_MEDIA_FOUND, "yt-dlp returned nothing")
+            # plain data from here on: no LazyLists or callables cross into the planning core
+            return self.ydl.sanitize_info(info)
+
+    def _extractor_for(self, url: str) -> str:
+        """The key of the extractor yt-dlp picks for ``url``: the first suitable one (the generic one is last)."""
+        return next((ie.ie_key() for ie in self._extractors if ie.suitable(url)), "")
+
+    # --- ffprobe, through a guard of the job's own
+
+    async def _probe(self, target: SourceInput) -> ProbeResult:
+        """ffprobe ``target`` through the SSRF guard with the format's headers; raises coded JobErrors."""
+        timeout = self.settings.network_timeout
+        async with FetchGuard(allow=self.settings.allow_networks, idle_timeout=timeout) as guard:
+            argv = guarded_probe_argv(probe_argv(target.url, timeout=timeout, headers=target.headers), guard)
+            try:
+                result = await run_probe(argv, timeout=timeout, env=guard.subprocess_env(os.environ))
+            except JobError:
+                guard.raise_if_blocked()  # a refused fetch explains the failure best
+                raise
+            guard.raise_if_blocked()  # ffmpeg skips HLS segments it cannot open and may still succeed
+            return result
+
+
+def guarded_probe_argv(argv: list[str], guard: FetchGuard) -> list[str]:
+    """``argv`` (from ``probe_argv``) with the guard's proxy and protocols placed before ``-i``.
+
+    ffmpeg keeps the last value of a repeated option, so the guard's whitelist is merged with the
+    probe's (HLS needs ``hls``, the proxy needs ``httpproxy``).
+    """
+    guard_args = guard.ffmpeg_input_args()
+    guard_protocols = guard_args[guard_args.index("-protocol_whitelist") + 1].split(",")
+    out = list(argv)
+    if "-protocol_whitelist" in out:
+        at = out.index("-protocol_whitelist") + 1
+        protocols = out[at].split(",")
+        out[at] = ",".join([*protocols, *(p for p in guard_protocols if p not in protocols)])
+    else:
+        out[out.index("-i"):out.index("-i")] = ["-protocol_whitelist", ",".join(guard_protocols)]
+    at = out.index("-i")
+    return [*out[:at], "-http_proxy", guard.proxy_url, *out[at:]]
+
+
+async def run_probe(argv: list[str], *, timeout: float, env: Mapping[str, str]) -> ProbeResult:
+    """Run an ffprobe ``argv`` (own process group, killed on timeout or cancel) and parse its JSON.
+
+    Raises JobError: ``no_media_found`` when the input is not media, else ``media_unavailable``.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=dict(env), start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        raise JobError(ErrorCode.MEDIA_UNAVAILABLE, f"ffprobe timed out after {timeout:.0f} s") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())  # reaped even when the caller is cancelled
+    message = stderr.decode(errors="replace").strip()[-STDERR_KEEP:]
+    if proc.returncode != 0:
+        raise JobError(failure_code(message), f"ffprobe: {message or f'exit status {proc.returncode}'}")
+    try:
+        result = parse_probe_json(stdout)
+    except (msgspec.DecodeError, AttributeError) as exc:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, f"ffprobe output unreadable: {exc}") from None
+    if result.audio is None and result.video is None:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, "no audio or video stream")
+    return result

@@ -268,6 +268,9 @@ class RabbitBus(Bus):
             raise Unroutable(f"no queue bound to {exchange!r} with routing key {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise BusError(f"broker refused the message (nack) on {exchange!r}/{routing_key!r}") from exc
+        except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                aiormq.exceptions.ChannelClosed, ConnectionError, RuntimeError) as exc:
+            raise BusError(f"broker connection unavailable while publishing to {exchange!r}: {exc}") from exc
         except TimeoutError as exc:
             raise PublishTimeout(
                 f"no confirm within {self.topology.publish_timeout}s for {exchange!r}/{routing_key!r}"
@@ -356,6 +359,9 @@ def _dead_letter(actor: str, message: AbstractIncomingMessage) -> DeadLetter:
     own = envelope.headers
     reason, x_exchange, x_key = _delivery_limit_origin(headers)
     at = own.get(H_DEAD_LETTERED_AT)
+    if reason and at is None:
+        # the broker dead-lettered it (delivery limit): our headers describe an earlier retry
+        own = {k: v for k, v in own.items() if k not in (H_ERROR_CODE, H_ERROR_MESSAGE)}
     when: datetime | None = datetime.fromisoformat(str(at)) if at else None
     if when is None and reason:
         deaths = headers.get("x-death") or []

@@ -12,6 +12,7 @@ from actors.probe import ffprobe
 from messages.errors import ErrorCode
 from messages.types import ConvertRequested, JobCompleted, JobFailed, Stage
 from tests.fixtures.media import STANDARD_SECONDS
+from tests.fixtures.pipeline import memory_pipeline
 
 TOLERANCE = max(0.02 * STANDARD_SECONDS, 0.5)
 
@@ -112,13 +113,14 @@ async def test_bad_inputs_fail_with_their_own_code_and_leave_nothing_behind(pipe
     assert await pipeline.storage.list_multipart_uploads() == []
 
 
-async def test_a_source_longer_than_the_limit_fails_with_too_long(pipeline, media_server):
-    import msgspec
-
-    pipeline.settings = msgspec.structs.replace(pipeline.settings, max_duration=2.0)
-    final = await pipeline.run(ConvertRequested(url=media_server.url("av_h264_aac.mp4"), format="mp3",
-                                                start=0.0, end=5.0))
-    assert isinstance(final, JobFailed) and final.error.code == ErrorCode.TOO_LONG
+async def test_a_source_longer_than_the_limit_fails_with_too_long(storage_config, storage, media_server):
+    async with memory_pipeline(storage_config, storage, max_duration=4.0) as pipeline:
+        whole = await pipeline.run(ConvertRequested(url=media_server.url("av_h264_aac.mp4"), format="mp3"))
+        clip = await pipeline.run(ConvertRequested(url=media_server.url("av_h264_aac.mp4"), format="mp3",
+                                                   start=0.0, end=5.0))
+        assert await pipeline.stored_keys() == []
+    assert isinstance(whole, JobFailed) and whole.error.code == ErrorCode.TOO_LONG
+    assert isinstance(clip, JobFailed) and clip.error.code == ErrorCode.TOO_LONG
 
 
 async def test_a_source_cut_off_mid_stream_never_completes_as_good(pipeline, media_server):

@@ -57,8 +57,10 @@ def has_stream(fmt: Info, key: str) -> bool | None:
 
 
 def kind_of(fmt: Info) -> str:
-    """What a format carries: "audio" (video is none), "video" (audio is none), else "av" (both or unknown)."""
+    """What a format carries: "audio" (video is none), "video" (audio is none), "av" (both or unknown), "" (neither)."""
     audio, video = has_stream(fmt, "acodec"), has_stream(fmt, "vcodec")
+    if audio is False and video is False:
+        return ""  # storyboards, images
     if video is False and audio is not False:
         return "audio"
     if audio is False and video is not False:
@@ -372,20 +374,22 @@ def with_probe(source: SourceInfo, probe: ProbeResult) -> SourceInfo:
 #: (phrases, code, retryable), first match wins; matched case-insensitively against yt-dlp's message
 _ERROR_RULES: tuple[tuple[tuple[str, ...], ErrorCode, bool], ...] = (
     (("file:// urls are disabled", "no suitable extractor"), ErrorCode.UNSUPPORTED_URL, False),
-    (("live event will begin", "premieres in", "premiere will begin", "is_upcoming", "currently live",
-      "this live stream", "live stream is offline"), ErrorCode.LIVE_NOT_SUPPORTED, False),
-    (("http error 404", "http error 410", "video unavailable", "private video", "this video is private",
-      "has been removed", "been terminated", "no longer available", "not available in your country",
-      "geo restricted", "geo-restricted", "members-only", "sign in to confirm your age",
-      "copyright", "this video does not exist", "http error 401", "http error 403"),
-     ErrorCode.MEDIA_UNAVAILABLE, False),
-    (("no video formats found", "requested format is not available", "drm protected",
-      "no media found", "no formats"), ErrorCode.NO_MEDIA_FOUND, False),
+    (("live event will begin", "live event is scheduled", "live event has not yet started", "premieres in",
+      "premiere will begin"), ErrorCode.LIVE_NOT_SUPPORTED, False),
+    # passing trouble first: a rate-limit message may also say "unavailable"
     (("timed out", "timeout", "connection refused", "connection reset", "temporary failure in name resolution",
       "name or service not known", "nodename nor servname", "network is unreachable", "unable to connect",
       "remote end closed", "incompleteread", "incomplete read", "a network error has occurred",
-      "http error 429", "http error 5", "not a bot", "rate-limit", "rate limit", "tunnel connection failed"),
+      "http error 429", "http error 5", "not a bot", "captcha", "rate-limit", "rate limit", "try again later",
+      "tunnel connection failed"),
      ErrorCode.MEDIA_UNAVAILABLE, True),
+    (("http error 404", "http error 410", "http error 401", "http error 403", "not currently live", "is offline",
+      "video unavailable", "private video", "this video is private", "has been removed", "been terminated", "no longer available", "not available in your country",
+      "geo restricted", "geo-restricted", "members-only", "sign in to confirm your age",
+      "copyright", "this video does not exist"),
+     ErrorCode.MEDIA_UNAVAILABLE, False),
+    (("no video formats found", "requested format is not available", "drm protected",
+      "no media found", "no formats"), ErrorCode.NO_MEDIA_FOUND, False),
 )
 
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import msgspec
 
+from actors import metrics
 from actors.guard import check_url
 from actors.jobs import (
     TERMINAL,
@@ -81,6 +82,8 @@ class Coordinator(Actor):
             self.public = await self._stack.enter_async_context(
                 Storage(storage_config(self.settings, public=True)))
         self.jobs = JobStore(self.storage)
+        for storage in {id(s): s for s in (self.storage, self.public)}.values():
+            metrics.watch_file_bytes(storage.client)  # measures that no file byte passes through here
 
     async def teardown(self) -> None:
         await self._stack.aclose()
@@ -178,7 +181,7 @@ class Coordinator(Actor):
         plan = message.plan
         record.key = record.key or object_key(record.job_id, plan.extension, now=record.created_at)
         record.plan = plan
-        record.target = await self._prepare_upload(record.key, plan)
+        record.target = await metrics.counted_presign("upload", self._prepare_upload(record.key, plan))
         enter(record, Stage.CONVERTING, now=utcnow(), percent=progress_percent(Stage.CONVERTING, 0))
         command = StreamToStorage(job_id=record.job_id, plan=plan, target=record.target,
                                   time_limit=self.settings.job_time_limit)
@@ -228,9 +231,9 @@ class Coordinator(Actor):
         now = utcnow()
         enter(record, Stage.FINISHING, now=now)
         ttl = self.settings.download_url_ttl
-        url = await self.public.presign_get(
+        url = await metrics.counted_presign("download", self.public.presign_get(
             record.key, expires=ttl,
-            filename=download_filename(record.plan.title, record.plan.extension, record.job_id))
+            filename=download_filename(record.plan.title, record.plan.extension, record.job_id)))
         enter(record, Stage.COMPLETED, now=now, percent=100.0)
         record.result = JobCompleted(
             job_id=record.job_id, download_url=url, expires_at=(now + timedelta(seconds=ttl)).isoformat(),
@@ -240,6 +243,7 @@ class Coordinator(Actor):
             timings=timings(record, now=now),
         )
         await self._commit(record, etag, ctx, [])
+        metrics.job_timings(record.plan.format.value, record.result.timings)
         await self._sweep_uploads(record)
 
     async def step_failed(self, message: StepFailed, ctx: Context) -> None:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
+from actors import metrics
 from actors.logs import actor_var, job_id_var, message_id_var
 from actors.settings import Settings
 from bus.base import Bus, BusError, Delivery, retry_delay
@@ -157,6 +158,7 @@ class Worker:
         actor_var.set(self.actor.name)
         await self.actor.setup()
         inflight: set[asyncio.Task[None]] = set()
+        metrics.WORKERS.labels(self.actor.name).inc()
         try:
             async with asyncio.TaskGroup() as group:
                 pump = group.create_task(self._pump(group, inflight))
@@ -170,6 +172,7 @@ class Worker:
                     for task in pending:
                         task.cancel()  # _process releases the message for redelivery
         finally:
+            metrics.WORKERS.labels(self.actor.name).dec()
             await self.actor.teardown()
 
     async def _pump(self, group: asyncio.TaskGroup, inflight: set[asyncio.Task[None]]) -> None:
@@ -186,6 +189,7 @@ class Worker:
         env = delivery.envelope
         job_id_var.set(env.job_id)
         message_id_var.set(env.message_id)
+        metrics.IN_FLIGHT.labels(self.actor.name).inc()
         try:
             await self._handle(delivery)
         except asyncio.CancelledError:
@@ -197,6 +201,7 @@ class Worker:
             # settling failed (broker gone): the broker redelivers the message; dedupe/state absorb it
             log.exception("could not settle the delivery; the broker will redeliver it")
         finally:
+            metrics.IN_FLIGHT.labels(self.actor.name).dec()
             self.processed += 1
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -209,11 +214,13 @@ class Worker:
             log.warning("undecodable message dead-lettered", extra={"field": exc.field, "reason": exc.reason})
             await self.actor.on_failure(None, error, ctx)
             await delivery.dead_letter(actor=self.actor.name, error=error)
+            metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
             return
         handler = self._handlers.get(type(message))
         if handler is None:
             error = Error.of(ErrorCode.UNDECODABLE_MESSAGE, f"actor {self.actor.name} has no handler for {env.type}")
             await delivery.dead_letter(actor=self.actor.name, error=error)
+            metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
             return
         while (other := self._running.get(env.message_id)) is not None:
             await other.wait()  # the same message is being handled right now: see how that ends
@@ -242,6 +249,7 @@ class Worker:
             await self._settle_failure(message, failure, delivery, ctx, exc)
             return
         await delivery.ack()
+        metrics.message_outcome(self.actor.name, "processed")
         self._remember(env.message_id)
 
     async def _settle_failure(self, message: Base, failure: JobError, delivery: Delivery, ctx: Context,
@@ -253,6 +261,7 @@ class Worker:
             log.warning("job step failed", extra=extra)
             await self.actor.on_failure(message, error, ctx)
             await delivery.ack()
+            metrics.message_outcome(self.actor.name, "failed", error.code)
             self._remember(delivery.envelope.message_id)
             return
         if attempt < self.settings.max_attempts:
@@ -260,10 +269,12 @@ class Worker:
             log.warning("transient failure, retrying", extra={**extra, "delay": round(delay, 3)},
                         exc_info=not isinstance(exc, JobError))
             await delivery.retry(actor=self.actor.name, delay=delay, error=error)
+            metrics.message_outcome(self.actor.name, "retried", error.code)
             return
         log.error("failed after the last attempt; dead-lettered", extra=extra)
         await self.actor.on_failure(message, error, ctx)
         await delivery.dead_letter(actor=self.actor.name, error=error)
+        metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
 
     def _remember(self, message_id: str) -> None:
         self._done[message_id] = None

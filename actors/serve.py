@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Sequence
 
+from actors import metrics
 from actors.registry import actor_class
 from actors.runtime import Actor, Worker
 from actors.settings import Settings
@@ -50,7 +51,8 @@ async def serve(names: Sequence[str], settings: Settings) -> None:
     await bus.start()
     deps: dict[str, object] = {}
     try:
-        async with workers(names, settings=settings, bus=bus, stopping=stopping, **deps):
+        async with metrics.exposed(settings, bus), \
+                workers(names, settings=settings, bus=bus, stopping=stopping, **deps):
             log.info("actors running", extra={"actors": ",".join(names)})
             await stopping.wait()
             log.info("stop signal: finishing in-flight work", extra={"grace": settings.shutdown_grace})

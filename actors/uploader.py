@@ -14,6 +14,7 @@ import time
 import aiohttp
 import msgspec
 
+from actors import metrics
 from actors.ffmpeg import FfmpegProcess
 from actors.guard import FetchGuard
 from actors.planning import MonotonicProgress, converting_fraction, ffmpeg_argv
@@ -104,11 +105,11 @@ class Uploader(Actor):
                         env=guard.subprocess_env(dict(os.environ)),
                     ) as ff:
                         try:
-                            result = await stream_to_target(
+                            result = await metrics.counted_upload(stream_to_target(
                                 ff.stdout, message.target, session=self.http,
                                 parts_in_flight=self.settings.parts_in_flight,
                                 max_bytes=plan.max_bytes, source_done=ff.check, on_stored=progress.stored,
-                            )
+                            ), format=plan.format.value)
                         except Exception:
                             guard.raise_if_blocked()  # a refused fetch explains the failure best
                             raise

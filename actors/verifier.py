@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+from actors import metrics
 from actors.probe import ProbeResult, ffprobe
 from actors.runtime import Actor, Context
 from actors.wiring import storage_config
@@ -104,5 +105,6 @@ class Verifier(Actor):
             else:
                 problems += media_problems(probe, message)
                 measured = probe.best_duration or 0.0
+        metrics.verification(not problems)
         await ctx.publish(Verified(job_id=message.job_id, key=message.key, ok=not problems,
                                    problems=problems, duration=round(measured, 3)))

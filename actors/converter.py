@@ -6,7 +6,7 @@ The decisions live in ``actors.formats`` (which format, what the source is, whic
 Every fetch goes through the SSRF guard. yt-dlp runs in a worker thread (the guard's proxy lives on
 the event loop) with one YoutubeDL per process, made and warmed up in ``setup`` (~1 s once: the
 first extraction would otherwise compile every extractor's URL pattern), so that each resolve of
-a direct link costs ~0.03 s of yt-dlp plus ~0.1 s of ffprobe. The YoutubeDL and its guard are shared, so
+a direct link costs ~0.02 s of yt-dlp plus ~0.1 s of ffprobe. The YoutubeDL and its guard are shared, so
 extractions in one process take turns (a lock held by the extracting thread itself): YoutubeDL is
 not made for concurrent use, its cookie jar is emptied per job, and every refusal the shared guard
 records while the lock is held belongs to that job. ffprobe, which runs per job, gets a guard of
@@ -28,7 +28,7 @@ import msgspec
 import yt_dlp
 from yt_dlp import globals as ytdlp_globals
 from yt_dlp.extractor import gen_extractor_classes
-from yt_dlp.utils import DownloadError, unified_timestamp
+from yt_dlp.utils import YoutubeDLError, unified_timestamp
 
 from actors.formats import probe_target, source_info, with_probe, ytdlp_error
 from actors.guard import BlockedFetch, FetchGuard, check_url
@@ -37,8 +37,6 @@ from actors.probe import STDERR_KEEP, ProbeResult, failure_code, parse_probe_jso
 from actors.runtime import Actor, Context
 from messages.errors import ErrorCode, JobError
 from messages.types import ConvertRequested, MediaPlan, MediaResolved, ResolveMedia
-
-log = logging.getLogger("getgoodtape.converter")
 
 #: key of yt-dlp's fallback extractor that reads any web page (its "Unsupported URL" means "no media here")
 GENERIC_EXTRACTOR = "Generic"
@@ -213,7 +211,7 @@ class Converter(Actor):
             self.ydl.cookiejar.clear()  # a site's cookies from another job stay with that job
             try:
                 info = self.ydl.extract_info(url, download=False, process=True)
-            except DownloadError as exc:
+            except YoutubeDLError as exc:  # DownloadError wraps most; RequestError (file:// …) comes bare
                 text = str(exc)
                 by_generic = "unsupported url" in text.lower() and self._extractor_for(url) == GENERIC_EXTRACTOR
                 raise blocked_error(self.guard.blocked) or ytdlp_error(text, by_generic=by_generic) from None

@@ -6,6 +6,8 @@ loopback on Linux, so no byte leaves this machine).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ DURATION_TOLERANCE = 0.2
 
 def settings_for(**overrides: object) -> Settings:
     """Test settings: only 127.0.0.1 reachable, short network timeout."""
-    return broker.test_settings(allow_networks=ALLOW, network_timeout=10.0, **overrides)
+    return broker.test_settings(**{"allow_networks": ALLOW, "network_timeout": 10.0, **overrides})
 
 
 @dataclass
@@ -308,6 +310,37 @@ async def test_second_resolve_reuses_the_youtubedl_and_is_faster(
     assert converter.ydl is ydl
     with capsys.disabled():
         print(f"\n[converter] direct loopback mp3 → mp3 plan: first resolve {first:.3f} s, second {second:.3f} s")
+
+
+async def test_a_job_cancelled_mid_extraction_leaves_the_youtubedl_to_the_next_one(
+    make_converter: MakeConverter, media_server: MediaServer
+) -> None:
+    # the cancelled job's thread keeps the YoutubeDL until its socket times out; then the next job runs
+    converter = await make_converter(network_timeout=2.0)
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        arrived.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), 30)
+        return web.Response(text="too late")
+
+    app = web.Application()
+    app.router.add_get("/hang.mp3", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        job = asyncio.create_task(converter.plan_for(request(f"http://127.0.0.1:{runner.addresses[0][1]}/hang.mp3")))
+        await asyncio.wait_for(arrived.wait(), 10)
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        plan = await asyncio.wait_for(resolve(converter, media_server.url("audio.mp3")), 20)
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert plan.inputs[0].url == media_server.url("audio.mp3")
 
 
 def test_ytdlp_params_harden_the_youtubedl() -> None:

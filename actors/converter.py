@@ -19,12 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
 import yt_dlp
 from yt_dlp import globals as ytdlp_globals
 from yt_dlp.extractor import gen_extractor_classes
@@ -33,7 +31,7 @@ from yt_dlp.utils import YoutubeDLError, unified_timestamp
 from actors.formats import probe_target, source_info, with_probe, ytdlp_error
 from actors.guard import BlockedFetch, FetchGuard, check_url
 from actors.planning import Limits, SourceInput, plan_media, validate_request
-from actors.probe import STDERR_KEEP, ProbeResult, failure_code, parse_probe_json, probe_argv
+from actors.probe import ProbeResult, ffprobe
 from actors.runtime import Actor, Context
 from messages.errors import ErrorCode, JobError
 from messages.types import ConvertRequested, MediaPlan, MediaResolved, ResolveMedia
@@ -233,61 +231,11 @@ class Converter(Actor):
         """ffprobe ``target`` through the SSRF guard with the format's headers; raises coded JobErrors."""
         timeout = self.settings.network_timeout
         async with FetchGuard(allow=self.settings.allow_networks, idle_timeout=timeout) as guard:
-            argv = guarded_probe_argv(probe_argv(target.url, timeout=timeout, headers=target.headers), guard)
             try:
-                result = await run_probe(argv, timeout=timeout, env=guard.subprocess_env(os.environ))
+                result = await ffprobe(target.url, timeout=timeout, headers=target.headers,
+                                       wrap_input=guard.input_args, env=guard.subprocess_env(os.environ))
             except JobError:
                 guard.raise_if_blocked()  # a refused fetch explains the failure best
                 raise
             guard.raise_if_blocked()  # ffmpeg skips HLS segments it cannot open and may still succeed
             return result
-
-
-def guarded_probe_argv(argv: list[str], guard: FetchGuard) -> list[str]:
-    """``argv`` (from ``probe_argv``) with the guard's proxy and protocols placed before ``-i``.
-
-    ffmpeg keeps the last value of a repeated option, so the guard's whitelist is merged with the
-    probe's (HLS needs ``hls``, the proxy needs ``httpproxy``).
-    """
-    guard_args = guard.ffmpeg_input_args()
-    guard_protocols = guard_args[guard_args.index("-protocol_whitelist") + 1].split(",")
-    out = list(argv)
-    if "-protocol_whitelist" in out:
-        at = out.index("-protocol_whitelist") + 1
-        protocols = out[at].split(",")
-        out[at] = ",".join([*protocols, *(p for p in guard_protocols if p not in protocols)])
-    else:
-        out[out.index("-i"):out.index("-i")] = ["-protocol_whitelist", ",".join(guard_protocols)]
-    at = out.index("-i")
-    return [*out[:at], "-http_proxy", guard.proxy_url, *out[at:]]
-
-
-async def run_probe(argv: list[str], *, timeout: float, env: Mapping[str, str]) -> ProbeResult:
-    """Run an ffprobe ``argv`` (own process group, killed on timeout or cancel) and parse its JSON.
-
-    Raises JobError: ``no_media_found`` when the input is not media, else ``media_unavailable``.
-    """
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=dict(env), start_new_session=True,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await proc.communicate()
-    except TimeoutError:
-        raise JobError(ErrorCode.MEDIA_UNAVAILABLE, f"ffprobe timed out after {timeout:.0f} s") from None
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())  # reaped even when the caller is cancelled
-    message = stderr.decode(errors="replace").strip()[-STDERR_KEEP:]
-    if proc.returncode != 0:
-        raise JobError(failure_code(message), f"ffprobe: {message or f'exit status {proc.returncode}'}")
-    try:
-        result = parse_probe_json(stdout)
-    except (msgspec.DecodeError, AttributeError) as exc:
-        raise JobError(ErrorCode.NO_MEDIA_FOUND, f"ffprobe output unreadable: {exc}") from None
-    if result.audio is None and result.video is None:
-        raise JobError(ErrorCode.NO_MEDIA_FOUND, "no audio or video stream")
-    return result

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import msgspec
@@ -148,23 +148,29 @@ def probe_argv(
     headers: Mapping[str, str] | None = None,
     count_packets: bool = False,
     ffprobe_bin: str = "ffprobe",
+    wrap_input: Callable[[list[str]], list[str]] | None = None,
 ) -> list[str]:
-    """The ffprobe argv for ``url_or_path``: http(s)/HLS protocols for URLs, ``file`` only for local paths."""
+    """The ffprobe argv for ``url_or_path``: http(s)/HLS protocols for URLs, ``file`` only for local paths.
+
+    ``wrap_input`` rewrites the input's own options (the SSRF guard's ``input_args`` adds its proxy).
+    """
     scheme = urlsplit(url_or_path).scheme.lower()
     argv = [ffprobe_bin, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
     if count_packets:
         # reads every packet: the only duration a piped FLAC/WebM has
         argv += ["-show_entries", "packet=pts_time,duration_time"]
     if scheme in ("http", "https"):
-        argv += ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000))]
+        input_args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000))]
         block = header_block(headers or {})
         if block:
-            argv += ["-headers", block]
+            input_args += ["-headers", block]
     elif scheme in ("", "file"):
-        argv += ["-protocol_whitelist", LOCAL_PROTOCOLS]
+        input_args = ["-protocol_whitelist", LOCAL_PROTOCOLS]
     else:
         raise JobError(ErrorCode.UNSUPPORTED_URL, f"cannot probe a {scheme!r} URL")
-    return [*argv, "-i", url_or_path]
+    if wrap_input is not None:
+        input_args = wrap_input(input_args)
+    return [*argv, *input_args, "-i", url_or_path]
 
 
 def failure_code(stderr: str) -> ErrorCode:
@@ -180,17 +186,22 @@ async def ffprobe(
     timeout: float,
     headers: Mapping[str, str] | None = None,
     count_packets: bool = False,
+    wrap_input: Callable[[list[str]], list[str]] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ProbeResult:
     """Probe ``url_or_path``; raises JobError (no_media_found, media_unavailable) on failure or timeout.
 
-    A result with no audio or video stream also raises no_media_found.
+    A result with no audio or video stream also raises no_media_found. ``wrap_input`` and ``env``
+    route the fetch through the SSRF guard (``guard.input_args``, ``guard.subprocess_env``).
     """
-    argv = probe_argv(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets)
+    argv = probe_argv(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets,
+                      wrap_input=wrap_input)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=dict(env) if env is not None else None,
         start_new_session=True,  # its own process group, so a kill takes any helper with it
     )
     try:

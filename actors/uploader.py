@@ -28,26 +28,10 @@ PROGRESS_PER_SECOND = 2.0
 CONNECTIONS_PER_HOST = 16
 
 
-def guarded_input_args(input_args: list[str], *, proxy_url: str, guard_whitelist: str) -> list[str]:
-    """An input's args routed through the guard: ``-http_proxy`` added, ``httpproxy`` whitelisted."""
-    args = list(input_args)
-    extra = guard_whitelist.split(",")
-    if "-protocol_whitelist" in args:
-        i = args.index("-protocol_whitelist") + 1
-        allowed = args[i].split(",")
-        args[i] = ",".join([*allowed, *(p for p in extra if p not in allowed)])
-    else:
-        args += ["-protocol_whitelist", guard_whitelist]
-    return ["-http_proxy", proxy_url, *args]
-
-
 def guarded_plan(plan: MediaPlan, guard: FetchGuard) -> MediaPlan:
-    """The plan with every input fetched through ``guard``."""
-    guard_args = guard.ffmpeg_input_args()
-    whitelist = guard_args[guard_args.index("-protocol_whitelist") + 1]
+    """The plan with every input ffmpeg fetches itself routed through ``guard``."""
     input_args = [
-        args if media_input.via is InputVia.YTDLP_PIPE
-        else guarded_input_args(args, proxy_url=guard.proxy_url, guard_whitelist=whitelist)
+        args if media_input.via is InputVia.YTDLP_PIPE else guard.input_args(args)
         for media_input, args in zip(plan.inputs, plan.input_args, strict=True)
     ]
     return msgspec.structs.replace(plan, input_args=input_args)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from actors.converter import Converter, blocked_error, guarded_probe_argv, ytdlp_params
+from actors.converter import Converter, blocked_error, ytdlp_params
 from actors.guard import BlockedFetch, FetchGuard
 from actors.probe import probe_argv
 from actors.runtime import Worker
@@ -365,9 +365,9 @@ async def test_youtubedl_loads_no_plugins(converter: Converter) -> None:
 
 async def test_probe_argv_goes_through_the_guard_with_merged_protocols() -> None:
     async with FetchGuard(allow=ALLOW) as guard:
-        argv = guarded_probe_argv(probe_argv("http://127.0.0.1:1/a.m3u8", timeout=5), guard)
-    at = argv.index("-i")
-    assert argv[at - 2 : at] == ["-http_proxy", guard.proxy_url]
+        argv = probe_argv("http://127.0.0.1:1/a.m3u8", timeout=5, wrap_input=guard.input_args)
+    at = argv.index("-http_proxy")
+    assert argv[at: at + 2] == ["-http_proxy", guard.proxy_url] and at < argv.index("-i")
     protocols = argv[argv.index("-protocol_whitelist") + 1].split(",")
     assert {"hls", "http", "https", "httpproxy", "tcp", "tls"} <= set(protocols)
     assert "file" not in protocols

@@ -139,6 +139,18 @@ class _Refusal(Exception):
         self.blocked = blocked
 
 
+def merge_protocol_whitelist(args: Sequence[str], protocols: str) -> list[str]:
+    """``args`` with ``protocols`` added to its ``-protocol_whitelist`` (or given one)."""
+    out = list(args)
+    extra = protocols.split(",")
+    if "-protocol_whitelist" in out:
+        at = out.index("-protocol_whitelist") + 1
+        allowed = out[at].split(",")
+        out[at] = ",".join([*allowed, *(p for p in extra if p not in allowed)])
+        return out
+    return [*out, "-protocol_whitelist", protocols]
+
+
 class FetchGuard:
     """The SSRF guard of one job: a filtering proxy on loopback for yt-dlp and ffmpeg.
 
@@ -199,6 +211,12 @@ class FetchGuard:
     def ffmpeg_input_args(self) -> list[str]:
         """ffmpeg input options (place them before ``-i``): the proxy and the protocol whitelist."""
         return ["-http_proxy", self.proxy_url, "-protocol_whitelist", FFMPEG_PROTOCOL_WHITELIST]
+
+    def input_args(self, args: Sequence[str]) -> list[str]:
+        """One ffmpeg/ffprobe input's own options routed through the guard: ``-http_proxy`` added and
+        ``httpproxy`` (and the guard's protocols) merged into the input's ``-protocol_whitelist``
+        (ffmpeg keeps only the last value of a repeated option, so they must be one list)."""
+        return ["-http_proxy", self.proxy_url, *merge_protocol_whitelist(args, FFMPEG_PROTOCOL_WHITELIST)]
 
     def subprocess_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """``environ`` for an ffmpeg child: proxy variables set, ``no_proxy`` removed (ffmpeg obeys it even with -http_proxy)."""

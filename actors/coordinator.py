@@ -65,7 +65,8 @@ FILENAME_CHARS = 120
 
 def download_filename(title: str, extension: str, job_id: str) -> str:
     """A friendly, safe filename for the download: the title without path or control characters."""
-    clean = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", " ", title).strip(" .")[:FILENAME_CHARS].strip()
+    clean = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", " ", title)
+    clean = re.sub(r"\s+", " ", clean).strip(" .")[:FILENAME_CHARS].strip()
     return f"{clean or job_id}.{extension}"
 
 

@@ -239,7 +239,9 @@ def _input(chosen: Chosen, *, page_url: str) -> SourceInput:
     via = input_via(protocol)
     # a piped input is fetched by yt-dlp again, from the page; ffmpeg reads it from stdin
     url = str(chosen.format["url"]) if via is InputVia.FFMPEG else page_url
-    return SourceInput(url=url, headers=request_headers(chosen.format), kind=chosen.kind, via=via, protocol=protocol)
+    format_id = str(chosen.format.get("format_id") or "") if via is InputVia.YTDLP_PIPE else ""
+    return SourceInput(url=url, headers=request_headers(chosen.format), kind=chosen.kind, via=via, protocol=protocol,
+                       format_id=format_id)
 
 
 def _inputs(chosen: list[Chosen], *, page_url: str) -> list[SourceInput]:
@@ -249,7 +251,7 @@ def _inputs(chosen: list[Chosen], *, page_url: str) -> list[SourceInput]:
         # ffmpeg has one stdin: let yt-dlp fetch (and merge) everything into that one pipe
         headers = {k: v for i in piped for k, v in i.headers.items()}
         merged = SourceInput(url=page_url, headers=headers, kind="av", via=InputVia.YTDLP_PIPE,
-                             protocol=piped[0].protocol)
+                             protocol=piped[0].protocol, format_id="+".join(i.format_id for i in piped if i.format_id))
         inputs = [merged, *(i for i in inputs if i.via is InputVia.FFMPEG)]
     return inputs
 

@@ -169,6 +169,8 @@ class SourceInput(msgspec.Struct, frozen=True, kw_only=True):
     via: InputVia = InputVia.FFMPEG
     #: yt-dlp's protocol name (https, http, m3u8_native, m3u8 …); m3u8* selects the HLS whitelist
     protocol: str = "https"
+    #: yt-dlp format selector of a piped input ("137+140"), passed to the feeder as ``-f``
+    format_id: str = ""
 
     @property
     def is_hls(self) -> bool:
@@ -575,7 +577,7 @@ def plan_media(*, request: ConvertRequested, source: SourceInfo, limits: Limits)
     input_args = [input_args_for(i, start=start, network_timeout=limits.network_timeout) for i in inputs]
     media_inputs = [
         # a yt-dlp pipe input keeps its page/format URL: the uploader hands it to yt-dlp, ffmpeg reads pipe:0
-        MediaInput(url=i.url, via=i.via, headers=dict(i.headers), kind=i.kind)
+        MediaInput(url=i.url, via=i.via, headers=dict(i.headers), kind=i.kind, format_id=i.format_id)
         for i in inputs
     ]
 

@@ -46,6 +46,8 @@ def feeder_argv(plan: MediaPlan, *, proxy_url: str, timeout: float) -> list[str]
     argv = ["yt-dlp", "--ignore-config", "--no-plugin-dirs", "--no-playlist", "--quiet", "--no-warnings",
             "--proxy", proxy_url, "--socket-timeout", str(int(timeout)), "--no-part", "--no-cache-dir",
             "-o", "-"]
+    if source.format_id:
+        argv += ["-f", source.format_id]
     for name, value in source.headers.items():
         argv += ["--add-header", f"{name}:{value}"]
     return [*argv, "--", source.url]

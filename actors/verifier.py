@@ -60,7 +60,7 @@ def media_problems(probe: ProbeResult, message: VerifyObject) -> list[str]:
     """What is wrong with the media: container, codecs, duration (empty when nothing is)."""
     problems = []
     if not any(name in probe.format_name for name in CONTAINERS[message.format]):
-        problems.append(f"container {probe.format_name!r} is not {message.format.value}")
+        problems.append(f"container {probe.format_name!r} is not {message.format}")
     for kind, codec in message.expect_codecs.items():
         stream = probe.first(kind)
         if stream is None:

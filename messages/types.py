@@ -191,6 +191,8 @@ class MediaInput(Base, tag="media_input"):
     headers: dict[str, str] = {}
     #: what ffmpeg should take from this input
     kind: Annotated[str, msgspec.Meta(pattern=r"^(av|audio|video)$")] = "av"
+    #: yt-dlp format selector for a piped input (``-f``), e.g. "137+140"; empty for ffmpeg inputs
+    format_id: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 class MediaPlan(Base, tag="media_plan"):

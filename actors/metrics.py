@@ -64,6 +64,8 @@ COORDINATOR_FILE_BYTES = Counter(
     "ggt_coordinator_file_bytes",
     "Bytes of converted files the coordinator's storage client sent or received (by design 0).",
     ["direction"], registry=REGISTRY)
+for _direction in ("sent", "received"):  # exported as 0 from the start: the demo's 0 is a reading
+    COORDINATOR_FILE_BYTES.labels(_direction)
 IN_FLIGHT = Gauge("ggt_jobs_in_flight", "Messages an actor is handling right now.", ["actor"], registry=REGISTRY)
 WORKERS = Gauge("ggt_actor_workers", "Workers of each actor running in this process.", ["actor"],
                 registry=REGISTRY)
@@ -74,6 +76,8 @@ RETRIED = Counter("ggt_messages_retried", "Messages sent through a retry tier.",
                   registry=REGISTRY)
 DEAD_LETTERED = Counter("ggt_messages_dead_lettered", "Messages dead-lettered.", ["actor", "code"],
                         registry=REGISTRY)
+HTTP_REQUESTS = Counter("ggt_http_requests", "Requests the gateway answered, by method, route and status.",
+                        ["method", "route", "status"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("ggt_queue_depth", "Messages waiting in a work or dead-letter queue (at the last scrape).",
                     ["queue"], registry=REGISTRY)
 

@@ -180,7 +180,8 @@ class Coordinator(Actor):
                 record, expected=Stage.PREPARING, replayed=ctx.envelope.replays > 0):
             return
         plan = message.plan
-        record.key = record.key or object_key(record.job_id, plan.extension, now=record.created_at)
+        record.key = record.key or object_key(record.job_id, plan.extension, now=record.created_at,
+                                              nonce=record.key_nonce)
         record.plan = plan
         record.target = await metrics.counted_presign("upload", self._prepare_upload(record.key, plan))
         enter(record, Stage.CONVERTING, now=utcnow(), percent=progress_percent(Stage.CONVERTING, 0))

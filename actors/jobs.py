@@ -9,6 +9,7 @@ republishes exactly the same commands instead of redoing the step.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from datetime import UTC, datetime
 
@@ -64,6 +65,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     outbox: list[OutboxEntry] = []
     #: how many times a dead-lettered step of this job was replayed into it
     revivals: int = 0
+    #: random part of the object key, so keys stay unguessable even for client-chosen job ids
+    key_nonce: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -93,7 +96,8 @@ def job_id_for(request: ConvertRequested, *, message_id: str) -> str:
 def new_record(job_id: str, request: ConvertRequested, *, now: datetime, reply_to: str | None) -> JobRecord:
     """A fresh record for a request just accepted."""
     return JobRecord(job_id=job_id, request=request, stage=Stage.PREPARING, created_at=now, updated_at=now,
-                     reply_to=reply_to, stage_started={Stage.PREPARING.value: now})
+                     reply_to=reply_to, stage_started={Stage.PREPARING.value: now},
+                     key_nonce=secrets.token_hex(8))
 
 
 def may_advance(record: JobRecord, *, expected: Stage, replayed: bool) -> bool:

@@ -17,6 +17,8 @@ from urllib.parse import quote
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 #: A file extension as the server writes it: lower-case letters and digits, no dot.
 EXTENSION_PATTERN = re.compile(r"^[a-z0-9]{1,8}$")
+#: A key nonce: lower-case hex.
+NONCE_PATTERN = re.compile(r"^[0-9a-f]{8,32}$")
 #: Prefix of converted files; stats group the objects under it by extension.
 CONVERTED_PREFIX = "converted/"
 #: Prefix of job records.
@@ -25,16 +27,20 @@ JOBS_PREFIX = "jobs/"
 MAX_FILENAME_CHARS = 200
 
 
-def object_key(job_id: str, extension: str, *, now: datetime) -> str:
-    """The key of a job's converted file: ``converted/<yyyy>/<mm>/<job id>.<ext>``.
+def object_key(job_id: str, extension: str, *, now: datetime, nonce: str = "") -> str:
+    """The key of a job's converted file: ``converted/<yyyy>/<mm>/<job id>[-<nonce>].<ext>``.
 
-    Raises ValueError for a job id or extension that could escape the prefix.
+    A random ``nonce`` keeps keys unguessable even for client-chosen job ids. Raises ValueError for
+    a job id, nonce or extension that could escape the prefix.
     """
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
     if not EXTENSION_PATTERN.fullmatch(extension):
         raise ValueError(f"not a file extension: {extension!r}")
-    return f"{CONVERTED_PREFIX}{now.year:04d}/{now.month:02d}/{job_id}.{extension}"
+    if nonce and not NONCE_PATTERN.fullmatch(nonce):
+        raise ValueError(f"not a key nonce: {nonce!r}")
+    name = f"{job_id}-{nonce}" if nonce else job_id
+    return f"{CONVERTED_PREFIX}{now.year:04d}/{now.month:02d}/{name}.{extension}"
 
 
 def job_record_key(job_id: str) -> str:

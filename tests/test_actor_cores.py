@@ -107,3 +107,13 @@ def test_a_piped_input_is_fetched_by_ytdlp_with_its_format_through_the_guard_wit
                         format="mp3", quality="192", content_type="audio/mpeg", extension="mp3", duration=1,
                         max_bytes=1)
     assert feeder_argv(no_pipe, proxy_url="http://127.0.0.1:1", timeout=7) is None
+
+
+def test_object_keys_are_unguessable_even_for_client_chosen_job_ids():
+    from storage.keys import object_key
+
+    first = new_record("order-4711", REQUEST, now=T0, reply_to=None)
+    second = new_record("order-4711", REQUEST, now=T0, reply_to=None)
+    assert first.key_nonce != second.key_nonce and len(first.key_nonce) == 16
+    key = object_key("order-4711", "mp3", now=T0, nonce=first.key_nonce)
+    assert key == f"converted/2026/11/order-4711-{first.key_nonce}.mp3"

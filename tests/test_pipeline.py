@@ -6,6 +6,8 @@ Sources are generated with ffmpeg and served on loopback; each stored file is de
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from actors.probe import ffprobe
@@ -49,7 +51,7 @@ async def test_every_format_is_stored_verified_and_decodes_with_its_codec(
     for kind, codec in codecs.items():
         assert probe.first(kind) is not None and probe.first(kind).codec_name == codec
     assert abs(probe.best_duration - STANDARD_SECONDS) <= TOLERANCE
-    assert final.key.startswith("converted/") and final.key.endswith(f"{final.job_id}.{fmt}")
+    assert re.fullmatch(rf"converted/\d{{4}}/\d{{2}}/{final.job_id}-[0-9a-f]{{16}}\.{fmt}", final.key), final.key
     head = await pipeline.storage.head(final.key)
     assert head is not None and head.size == final.size
     assert set(final.timings) >= {"preparing", "converting", "verifying", "total"}

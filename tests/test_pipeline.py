@@ -145,3 +145,11 @@ async def test_a_repeated_request_with_the_same_job_id_is_the_same_job(pipeline,
     assert await pipeline.stored_keys() == sorted([first.key, pipeline.finals["after-dup-0001"].key])
     assert [e for e in pipeline.progress["same-job-0001"] if e.stage == Stage.PREPARING][1:] == [], \
         "the duplicate started no second conversion"
+
+
+async def test_cover_art_from_the_pages_thumbnail_is_embedded_into_mp3(pipeline, media_server):
+    final = await completed(pipeline, media_server, "page/av_h264_aac.mp4.html", "mp3")
+    probe = await probe_download(final)
+    pictures = [s for s in probe.streams if s.attached_pic]
+    assert len(pictures) == 1 and pictures[0].codec_name == "mjpeg"
+    assert probe.audio.codec_name == "mp3"

@@ -142,6 +142,9 @@ class Converter(Actor):
             await self._stack.aclose()
             raise
         self._ydl_lock = threading.Lock()
+        # jobs wait for their turn here, not in a worker thread: threads parked on _ydl_lock would
+        # fill the default executor that the guard's own name lookups (loop.getaddrinfo) need
+        self._extract_turn = asyncio.Lock()
         # yt-dlp's own order (YoutubeDL tries them in it): the first suitable extractor handles a URL
         self._extractors = gen_extractor_classes()
         await asyncio.to_thread(self._warm_up)
@@ -184,7 +187,8 @@ class Converter(Actor):
             raise JobError(error.code, error.detail)
         url = request.url.strip()
         check_url(url, allow=self.settings.allow_networks)
-        info = await asyncio.to_thread(self._extract, url)
+        async with self._extract_turn:
+            info = await asyncio.to_thread(self._extract, url)
         source = source_info(info, request)
         target = probe_target(source)
         if target is not None:

@@ -142,7 +142,8 @@ def watch_file_bytes(client: Any) -> None:
     def sent(request: Any = None, **_: Any) -> None:
         if request is not None and CONVERTED_PATH in str(getattr(request, "url", "")):
             body = getattr(request, "body", None)
-            size = len(body) if isinstance(body, bytes | bytearray) else 0
+            length = (getattr(request, "headers", None) or {}).get("Content-Length")
+            size = int(length) if length else len(body) if isinstance(body, bytes | bytearray) else 0
             if size:
                 COORDINATOR_FILE_BYTES.labels("sent").inc(size)
 

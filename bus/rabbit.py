@@ -17,6 +17,7 @@ its own prefetch. Both connections are robust: they reconnect and restore consum
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -262,8 +263,9 @@ class RabbitBus(Bus):
         )
         target = await self._exchange(exchange)
         try:
-            await target.publish(message, routing_key=routing_key, mandatory=True,
-                                 timeout=self.topology.publish_timeout)
+            # asyncio.timeout rather than publish(timeout=…): the latter wraps every publish in a task
+            async with asyncio.timeout(self.topology.publish_timeout):
+                await target.publish(message, routing_key=routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound to {exchange!r} with routing key {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:

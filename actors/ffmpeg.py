@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -37,6 +38,8 @@ PIPE_BYTES = 1024 * 1024
 STDOUT_LIMIT = 512 * 1024
 #: Seconds to wait for stderr readers to see EOF once the processes are gone.
 STDERR_DRAIN_TIMEOUT = 2.0
+#: prctl option: signal to deliver to this process when its parent dies (<linux/prctl.h>)
+PR_SET_PDEATHSIG = 1
 #: F_SETPIPE_SZ from <fcntl.h>; Python 3.11's fcntl module has no name for it on every build.
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -249,6 +252,7 @@ class FfmpegProcess:
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own group: killpg reaches anything ffmpeg starts
                 env=self._env,
+                preexec_fn=die_with_parent,
             )
             self.pgid = self._proc.pid
             if self._feeder_argv:
@@ -259,6 +263,7 @@ class FfmpegProcess:
                     stderr=subprocess.PIPE,
                     start_new_session=True,  # a group of its own (setpgid cannot cross sessions)
                     env=self._env,
+                    preexec_fn=die_with_parent,
                 )
         finally:
             # The children hold their own copies; ours would keep the pipes open past their exit.
@@ -352,6 +357,13 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def die_with_parent() -> None:
+    """In the child before exec: the kernel SIGKILLs it when the actor process dies (even by SIGKILL),
+    so a killed uploader leaves no ffmpeg or yt-dlp behind writing into a dead upload."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _grow_pipe(fd: int) -> None:

@@ -262,3 +262,24 @@ async def test_signal_death_is_reported_as_conversion_failed():
             await asyncio.wait_for(ff.check(), WAIT)
     assert failure.value.code is ErrorCode.CONVERSION_FAILED
     assert "signal" in failure.value.detail
+
+
+async def test_ffmpeg_dies_with_an_actor_killed_by_sigkill(tmp_path):
+    from tests.support.processes import ROOT, until
+
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.ffmpeg_holder", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    ffmpeg_pid = int((await asyncio.wait_for(holder.stdout.readline(), 30)).strip())
+    assert _alive(ffmpeg_pid)
+    holder.send_signal(signal.SIGKILL)
+    await holder.wait()
+    await until(lambda: not _alive(ffmpeg_pid), timeout=10, what="ffmpeg to die with its parent")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from actors.ffmpeg import die_with_parent
 from actors.planning import HLS_PROTOCOLS, header_block
 from messages.errors import ErrorCode, JobError
 
@@ -203,6 +204,7 @@ async def ffprobe(
         stderr=asyncio.subprocess.PIPE,
         env=dict(env) if env is not None else None,
         start_new_session=True,  # its own process group, so a kill takes any helper with it
+        preexec_fn=die_with_parent,
     )
     try:
         async with asyncio.timeout(timeout):

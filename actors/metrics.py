@@ -133,7 +133,7 @@ def job_timings(format: str, timings: dict[str, float]) -> None:
         STAGE_SECONDS.labels(format, stage).observe(seconds)
 
 
-def watch_file_bytes(client: Any) -> None:
+def watch_file_bytes(client: Any, *, counter: Counter = COORDINATOR_FILE_BYTES) -> None:
     """Count every byte of a converted file that passes through this storage client.
 
     Hooked into botocore's request events, so it measures what the client really sends and
@@ -145,13 +145,13 @@ def watch_file_bytes(client: Any) -> None:
             length = (getattr(request, "headers", None) or {}).get("Content-Length")
             size = int(length) if length else len(body) if isinstance(body, bytes | bytearray) else 0
             if size:
-                COORDINATOR_FILE_BYTES.labels("sent").inc(size)
+                counter.labels("sent").inc(size)
 
     def received(http_response: Any = None, parsed: Any = None, **_: Any) -> None:
         if http_response is not None and CONVERTED_PATH in str(getattr(http_response, "url", "")):
             size = int((parsed or {}).get("ContentLength") or 0)
             if size:
-                COORDINATOR_FILE_BYTES.labels("received").inc(size)
+                counter.labels("received").inc(size)
 
     client.meta.events.register("before-send.s3", sent)
     client.meta.events.register("after-call.s3.GetObject", received)

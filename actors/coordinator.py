@@ -172,13 +172,10 @@ class Coordinator(Actor):
 
     async def media_resolved(self, message: MediaResolved, ctx: Context) -> None:
         """The plan is ready: presign the upload and hand the job to an uploader."""
-        found = await self._record_for(message.job_id)
+        found = await self._advancing(message.job_id, Stage.PREPARING, ctx)
         if found is None:
             return
         record, etag = found
-        if await self._redelivered(record, ctx) or not may_advance(
-                record, expected=Stage.PREPARING, replayed=ctx.envelope.replays > 0):
-            return
         plan = message.plan
         record.key = record.key or object_key(record.job_id, plan.extension, now=record.created_at,
                                               nonce=record.key_nonce)
@@ -192,13 +189,10 @@ class Coordinator(Actor):
 
     async def streamed(self, message: Streamed, ctx: Context) -> None:
         """Every byte is stored: complete the multipart upload and ask for verification."""
-        found = await self._record_for(message.job_id)
+        found = await self._advancing(message.job_id, Stage.CONVERTING, ctx)
         if found is None:
             return
         record, etag = found
-        if await self._redelivered(record, ctx) or not may_advance(
-                record, expected=Stage.CONVERTING, replayed=ctx.envelope.replays > 0):
-            return
         assert record.plan is not None and record.target is not None
         if message.key != record.key:
             raise JobError(ErrorCode.UPLOAD_FAILED, f"uploader stored {message.key}, expected {record.key}")
@@ -219,13 +213,10 @@ class Coordinator(Actor):
 
     async def verified(self, message: Verified, ctx: Context) -> None:
         """The verdict: presign the download and complete the job, or delete the object and fail it."""
-        found = await self._record_for(message.job_id)
+        found = await self._advancing(message.job_id, Stage.VERIFYING, ctx)
         if found is None:
             return
         record, etag = found
-        if await self._redelivered(record, ctx) or not may_advance(
-                record, expected=Stage.VERIFYING, replayed=ctx.envelope.replays > 0):
-            return
         if not message.ok:
             await self._fail(record, etag, ctx, Error.of(ErrorCode.VERIFICATION_FAILED, "; ".join(message.problems)))
             return
@@ -282,6 +273,18 @@ class Coordinator(Actor):
             await self._fail(record, etag, ctx, error)
 
     # ------------------------------------------------------------------------------- helpers
+
+    async def _advancing(self, job_id: str, expected: Stage, ctx: Context) -> tuple[JobRecord, str] | None:
+        """The record and ETag when this step result may move the job on from ``expected``; None for
+        an unknown job, a duplicate, or a redelivered trigger (whose commands are republished)."""
+        found = await self._record_for(job_id)
+        if found is None:
+            return None
+        record, _ = found
+        if await self._redelivered(record, ctx) or not may_advance(
+                record, expected=expected, replayed=ctx.envelope.replays > 0):
+            return None
+        return found
 
     async def _record_for(self, job_id: str) -> tuple[JobRecord, str] | None:
         try:

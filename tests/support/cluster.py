@@ -11,33 +11,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from actors.settings import Settings
 from actors.wiring import make_bus
 from bus.base import Bus
-from messages.codec import decode
-from messages.types import ConvertRequested, JobCompleted, JobFailed, JobProgress
+from messages.types import ConvertRequested
+from tests.support.events import EventLog
 from tests.support.processes import Child, children, python, settings_env
 
 #: seconds a batch of test jobs may take
 BATCH_TIMEOUT = 240.0
 
 
-class Cluster:
+class Cluster(EventLog):
     """Actor processes plus the test's own view of the bus."""
 
     def __init__(self, settings: Settings, bus: Bus, log_dir: Path, start) -> None:
+        super().__init__()
         self.settings, self.bus, self.log_dir = settings, bus, log_dir
         self._start = start
         self.env = settings_env(settings)
         self.processes: dict[str, list[Child]] = defaultdict(list)
-        self.finals: dict[str, JobCompleted | JobFailed] = {}
-        self.final_counts: Counter[str] = Counter()
-        self.progress: dict[str, list[JobProgress]] = defaultdict(list)
-        self._changed = asyncio.Event()
 
     def start(self, actor: str, **env: str) -> Child:
         """Start ``getgoodtape run <actor>`` as a new process."""
@@ -57,26 +54,9 @@ class Cluster:
         child.signal(signal.SIGKILL)
         child.wait(30)
 
-    async def collect(self, events: AsyncIterator) -> None:
-        async for envelope, body in events:
-            message = decode(body, type_name_hint=envelope.type)
-            if isinstance(message, JobProgress):
-                self.progress[message.job_id].append(message)
-            elif isinstance(message, (JobCompleted, JobFailed)):
-                self.finals[message.job_id] = message
-                self.final_counts[message.job_id] += 1
-            self._changed.set()
-
     async def wait_until(self, predicate, *, timeout: float = BATCH_TIMEOUT, what: str = "condition") -> None:
-        """Wait until ``predicate()`` holds, woken by each event."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"timed out waiting for {what}; finals: {len(self.finals)}; logs in {self.log_dir}") \
-                from None
+        """Wait until ``predicate()`` holds, woken by each event (the actors' logs are in log_dir)."""
+        await super().wait_until(predicate, timeout=timeout, what=f"{what} (logs in {self.log_dir})")
 
     async def publish(self, requests: list[ConvertRequested]) -> None:
         for request in requests:

@@ -74,6 +74,8 @@ class Coordinator(Actor):
     """Owns every job: its record, its presigned URLs and its final event."""
 
     name = "coordinator"
+    #: short storage calls; many jobs at once
+    prefetch = 16
 
     async def setup(self) -> None:
         self._stack = contextlib.AsyncExitStack()

@@ -88,6 +88,8 @@ class Actor:
     name: ClassVar[str]
     #: this actor's own step name in StepFailed and logs
     step: ClassVar[str] = ""
+    #: unacked messages at once when GGT_PREFETCH does not say (how much work one process takes on)
+    prefetch: ClassVar[int] = 4
 
     def __init__(self, *, settings: Settings, bus: Bus) -> None:
         self.settings = settings
@@ -177,7 +179,7 @@ class Worker:
 
     async def _pump(self, group: asyncio.TaskGroup, inflight: set[asyncio.Task[None]]) -> None:
         async with contextlib.aclosing(
-            self.bus.deliveries(self.actor.name, prefetch=self.settings.prefetch)
+            self.bus.deliveries(self.actor.name, prefetch=self.settings.prefetch or self.actor.prefetch)
         ) as deliveries:
             self.ready.set()
             async for delivery in deliveries:

@@ -22,8 +22,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     amqp_url: str = ""
     #: seconds to wait for a publisher confirm before the publish counts as failed
     publish_timeout: float = 10.0
-    #: unacked messages per actor process; the uploader holds a part buffer per message
-    prefetch: int = 4
+    #: unacked messages per actor process; 0 = each actor's own default (coordinator 16, converter 4,
+    #: uploader 2 — it holds part buffers and runs ffmpeg per message —, verifier 4)
+    prefetch: int = 0
     #: attempts through our own retry path before a message is dead-lettered
     max_attempts: int = 5
     #: seconds of each retry tier (exponential backoff; jitter stays inside a tier)

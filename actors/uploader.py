@@ -57,6 +57,8 @@ class Uploader(Actor):
     """StreamToStorage → ffmpeg → presigned PUTs → Streamed."""
 
     name = "uploader"
+    #: each message runs ffmpeg and holds part buffers
+    prefetch = 2
 
     async def setup(self) -> None:
         self.http = aiohttp.ClientSession(

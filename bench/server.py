@@ -1,0 +1,117 @@
+"""The benchmark's media server, a process of its own: files by Range, unthrottled or rate-limited.
+
+``python -m bench.server ROOT`` listens on 127.0.0.1 (a free port, printed as ``PORT <n>``) and serves
+``/<file>`` (sendfile) and ``/slow/<file>?rate=BYTES_PER_S`` (read from disk in chunks and paced to
+the rate). Both honour a single ``Range: bytes=a-b``. Unlike the test fixture's slow route it never
+holds a file in memory, so a 250 MB source at 20 MB/s costs nothing but time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+#: bytes read from disk and written per step of the paced route
+CHUNK = 256 * 1024
+CONTENT_TYPES = {".mp4": "video/mp4", ".m4a": "audio/mp4", ".mp3": "audio/mpeg"}
+
+ROOT = web.AppKey("root", Path)
+
+
+def byte_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """(first, last) of a single ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range, or None for the whole file."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first_s, _, last_s = header[6:].strip().partition("-")
+    try:
+        if not first_s:
+            return max(0, total - int(last_s)), total - 1
+        first, last = int(first_s), int(last_s) if last_s else total - 1
+    except ValueError:
+        return None
+    if first >= total or last < first:
+        return None
+    return first, min(last, total - 1)
+
+
+def _path(request: web.Request) -> Path:
+    root = request.app[ROOT]
+    path = (root / request.match_info["name"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise web.HTTPNotFound()
+    return path
+
+
+async def serve_file(request: web.Request) -> web.StreamResponse:
+    """The file at full speed (aiohttp's FileResponse: sendfile, Range, HEAD)."""
+    path = _path(request)
+    return web.FileResponse(path, headers={"Content-Type": CONTENT_TYPES.get(path.suffix, "application/octet-stream")})
+
+
+async def serve_slow(request: web.Request) -> web.StreamResponse:
+    """The file paced to ``?rate=`` bytes per second, Range honoured."""
+    path = _path(request)
+    rate = max(1, int(request.query.get("rate", "20000000")))
+    total = path.stat().st_size
+    wanted = byte_range(request.headers.get("Range"), total)
+    first, last = wanted if wanted else (0, total - 1)
+    headers = {"Content-Type": CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+               "Accept-Ranges": "bytes", "Content-Length": str(last - first + 1)}
+    if wanted:
+        headers["Content-Range"] = f"bytes {first}-{last}/{total}"
+    response = web.StreamResponse(status=206 if wanted else 200, headers=headers)
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    started, sent = time.monotonic(), 0
+    with path.open("rb") as f:
+        f.seek(first)
+        while sent < last - first + 1:
+            piece = f.read(min(CHUNK, last - first + 1 - sent))
+            if not piece:
+                break
+            await response.write(piece)
+            sent += len(piece)
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)  # pacing the server to the rate
+    await response.write_eof()
+    return response
+
+
+def make_app(root: Path) -> web.Application:
+    """The server's routes over ``root``."""
+    app = web.Application()
+    app[ROOT] = root.resolve()
+    app.router.add_route("GET", "/slow/{name:.+}", serve_slow)
+    app.router.add_route("HEAD", "/slow/{name:.+}", serve_slow)
+    app.router.add_get("/{name:.+}", serve_file)
+    return app
+
+
+async def _serve(root: Path) -> None:
+    runner = web.AppRunner(make_app(root), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(f"PORT {site._server.sockets[0].getsockname()[1]}", flush=True)  # type: ignore[union-attr]
+    try:
+        await asyncio.Event().wait()  # until the benchmark terminates this process
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.root))
+
+
+if __name__ == "__main__":
+    main()

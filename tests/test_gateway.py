@@ -423,3 +423,35 @@ def test_outcome_counts_give_the_design_notes_four_rates():
     counts = tracker.counts()
     assert counts["completed"] == 2 and counts["failed"] == 4
     assert counts["failed_by_code"]["no_media_found"] == 1
+
+
+@pytest.mark.broker
+async def test_on_rabbitmq_the_events_stream_runs_to_completed(rabbit_pipeline, media_server):
+    settings = msgspec.structs.replace(rabbit_pipeline.settings, rate_limit_per_minute=0)
+    app = make_app(settings, bus=rabbit_pipeline.bus, storage=rabbit_pipeline.storage, options=FAST)
+    async with serve(app) as client:
+        job_id = await submit(client, media_server)
+        events = await follow(client, job_id)
+        assert events[-1].event == "completed"
+        assert [e.id for e in events] == sorted({e.id for e in events})
+        assert (await client.get("/readyz")).status == 200
+
+
+async def test_shutting_the_gateway_down_ends_open_streams(storage):
+    settings = settings_for_tests()
+    bus = MemoryBus(topology(settings))
+    await bus.start()
+    server = TestServer(make_app(settings, bus=bus, storage=storage, options=GatewayOptions(keepalive=60)),
+                        host="127.0.0.1")
+    try:
+        async with TestClient(server) as client:
+            accepted = await client.post("/api/convert", json={"url": "http://127.0.0.1/a.mp4", "format": "mp3"})
+            job_id = (await accepted.json())["job_id"]
+            async with client.get(f"/api/jobs/{job_id}/events") as stream:
+                assert (await read_events(stream, limit=1))[0].data["stage"] == "queued"
+                rest = asyncio.ensure_future(read_events(stream))
+                await server.runner.shutdown()  # what cleanup does first: on_shutdown ends the streams
+                async with asyncio.timeout(5):
+                    assert await rest == []
+    finally:
+        await bus.close()

@@ -21,6 +21,7 @@ from actors.jobs import (
     decode_record,
     encode_record,
     enter,
+    final_event,
     job_id_for,
     may_advance,
     new_record,
@@ -30,7 +31,7 @@ from actors.jobs import (
 )
 from actors.planning import progress_percent, validate_request
 from actors.runtime import Actor, Context
-from actors.streaming import plan_parts
+from actors.streaming import READ_CHUNK, SINGLE_BUFFER, plan_parts
 from actors.wiring import storage_config
 from messages.codec import decode, new_id
 from messages.errors import Error, ErrorCode, JobError
@@ -59,6 +60,10 @@ log = logging.getLogger("getgoodtape.coordinator")
 
 #: extra validity of upload URLs beyond the job's time limit (queueing before the uploader starts)
 UPLOAD_URL_SLACK_S = 600
+#: outputs capped (ffmpeg -fs) at most this many bytes always fit the uploader's single-PUT buffer,
+#: so they get no multipart upload (a create + abort of nothing costs each small job three requests);
+#: one read chunk of margin covers ffmpeg finishing its last packet past -fs
+SINGLE_PUT_MAX_BYTES = SINGLE_BUFFER - READ_CHUNK
 #: characters kept of a title in the download filename
 FILENAME_CHARS = 120
 
@@ -133,12 +138,9 @@ class Coordinator(Actor):
 
     async def _announce(self, record: JobRecord) -> None:
         """Publish the final event on ggt.events, and to the requester's reply-to queue."""
-        final: Base
-        if record.stage == Stage.COMPLETED and record.result is not None:
-            final = record.result
-        else:
-            final = JobFailed(job_id=record.job_id, stage=_failed_stage(record),
-                              error=record.error or Error.of(ErrorCode.INTERNAL))
+        final = final_event(record)
+        if final is None:
+            return
         await self.bus.publish(final)
         if record.reply_to:
             await self.bus.reply(record.reply_to, final)
@@ -239,7 +241,8 @@ class Coordinator(Actor):
         )
         await self._commit(record, etag, ctx, [])
         metrics.job_timings(record.plan.format.value, record.result.timings)
-        await self._sweep_uploads(record)
+        if record.target is not None and record.target.multipart is not None:
+            await self._sweep_uploads(record)  # without a multipart upload there is nothing to sweep
 
     async def step_failed(self, message: StepFailed, ctx: Context) -> None:
         """A step failed: clean up and fail the job (announced even for a job never recorded)."""
@@ -309,7 +312,7 @@ class Coordinator(Actor):
         mode = UploadMode(self.settings.upload_mode)
         put_url = await self.storage.presign_put(key, content_type=plan.content_type, expires=expires)
         multipart = None
-        if mode == UploadMode.AUTO:
+        if mode == UploadMode.AUTO and plan.max_bytes > SINGLE_PUT_MAX_BYTES:
             part_size, count = plan_parts(plan.max_bytes, part_size=self.settings.part_size)
             upload_id = await self._storage_call(self.storage.create_multipart(key, content_type=plan.content_type))
             multipart = PartUpload(
@@ -342,8 +345,4 @@ class Coordinator(Actor):
                 if upload.key == record.key:
                     await self.storage.abort_multipart(upload.key, upload.upload_id)
 
-
-def _failed_stage(record: JobRecord) -> Stage:
-    started = [s for s in record.stage_started if s not in (Stage.FAILED.value, Stage.COMPLETED.value)]
-    return Stage(started[-1]) if started else Stage.PREPARING
 

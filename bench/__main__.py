@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from pathlib import Path
 
 import msgspec
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go (default bench/results)")
     parser.add_argument("--work-dir", default="/tmp/ggt-bench", help="generated sources, logs, temp files")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every service process and the vhost are cleaned up
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.command == "report":
         results = msgspec.json.decode((args.out / "results.json").read_bytes(), type=Results)
     else:

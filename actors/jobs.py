@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from messages.errors import Error
+from messages.errors import Error, ErrorCode
 from messages.types import (
     Base,
     ConvertRequested,
     JobCompleted,
+    JobFailed,
     MediaPlan,
     Stage,
     Streamed,
@@ -109,12 +110,23 @@ def may_advance(record: JobRecord, *, expected: Stage, replayed: bool) -> bool:
     if record.stage == expected:
         return True
     return (record.stage == Stage.FAILED and replayed and record.error is not None and record.error.retryable
-            and _stage_before_failure(record) == expected)
+            and failed_stage(record) == expected)
 
 
-def _stage_before_failure(record: JobRecord) -> Stage:
-    started = [Stage(s) for s in record.stage_started if Stage(s) in ORDER]
+def failed_stage(record: JobRecord) -> Stage:
+    """The stage a failed job was in: the furthest non-terminal stage it started."""
+    started = [Stage(s) for s in record.stage_started if Stage(s) in ORDER and Stage(s) not in TERMINAL]
     return max(started, key=ORDER.index) if started else Stage.PREPARING
+
+
+def final_event(record: JobRecord) -> JobCompleted | JobFailed | None:
+    """The event that announces a finished job, or None while it runs."""
+    if record.stage == Stage.COMPLETED and record.result is not None:
+        return record.result
+    if record.stage == Stage.FAILED:
+        return JobFailed(job_id=record.job_id, stage=failed_stage(record),
+                         error=record.error or Error.of(ErrorCode.INTERNAL))
+    return None
 
 
 def enter(record: JobRecord, stage: Stage, *, now: datetime, percent: float | None = None) -> None:

@@ -261,7 +261,10 @@ class Worker:
         extra = {"code": str(error.code), "attempt": attempt, "detail": error.detail[:500]}
         if not failure.retryable:
             log.warning("job step failed", extra=extra)
-            await self.actor.on_failure(message, error, ctx)
+            if not await self._report_failure(message, error, ctx):
+                await delivery.dead_letter(actor=self.actor.name, error=error)
+                metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
+                return
             await delivery.ack()
             metrics.message_outcome(self.actor.name, "failed", error.code)
             self._remember(delivery.envelope.message_id)
@@ -274,9 +277,19 @@ class Worker:
             metrics.message_outcome(self.actor.name, "retried", error.code)
             return
         log.error("failed after the last attempt; dead-lettered", extra=extra)
-        await self.actor.on_failure(message, error, ctx)
+        await self._report_failure(message, error, ctx)
         await delivery.dead_letter(actor=self.actor.name, error=error)
         metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
+
+    async def _report_failure(self, message: Base, error: Error, ctx: Context) -> bool:
+        """Tell the job about the failure; False when that failed too (storage or broker down)."""
+        try:
+            await self.actor.on_failure(message, error, ctx)
+        except Exception:
+            # the message must still be settled: left unacked on a live channel it is never redelivered
+            log.exception("could not report the failure; the message is dead-lettered for a replay")
+            return False
+        return True
 
     def _remember(self, message_id: str) -> None:
         self._done[message_id] = None

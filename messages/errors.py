@@ -121,3 +121,35 @@ class JobError(Exception):
         """This failure as a wire value."""
         spec = ERRORS[self.code]
         return Error(code=self.code, message=spec.message, retryable=self.retryable, detail=self.detail[:2000])
+
+
+class HttpErrorCode(enum.StrEnum):
+    """Codes of failures of the HTTP API itself (docs/API.md); a job's own failure keeps its ErrorCode."""
+
+    INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    JOB_NOT_FOUND = "job_not_found"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TOO_LARGE = "request_too_large"
+    JOB_NOT_FINISHED = "job_not_finished"
+    BUS_UNAVAILABLE = "bus_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    INTERNAL = "internal"
+
+
+#: the message a caller sees for each HTTP-level code
+HTTP_ERRORS: dict[HttpErrorCode, str] = {
+    HttpErrorCode.INVALID_REQUEST: "The request is not valid: check the named field against docs/API.md.",
+    HttpErrorCode.UNAUTHORIZED: "A valid API key is required: send it as 'Authorization: Bearer <key>'.",
+    HttpErrorCode.RATE_LIMITED: "Too many requests for this key or address; wait for Retry-After seconds.",
+    HttpErrorCode.JOB_NOT_FOUND: "No job with this id is known.",
+    HttpErrorCode.NOT_FOUND: "No such endpoint; see /api/openapi.json.",
+    HttpErrorCode.METHOD_NOT_ALLOWED: "This endpoint does not accept that method.",
+    HttpErrorCode.REQUEST_TOO_LARGE: "The request body is too large.",
+    HttpErrorCode.JOB_NOT_FINISHED: "The job has not completed yet; follow its events.",
+    HttpErrorCode.BUS_UNAVAILABLE: "The message broker did not accept the request; try again shortly.",
+    HttpErrorCode.STORAGE_UNAVAILABLE: "Object storage did not answer; try again shortly.",
+    HttpErrorCode.INTERNAL: "An unexpected error; it was logged.",
+}

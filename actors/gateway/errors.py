@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 
 import msgspec
 from aiohttp import web
 
+from messages.errors import HTTP_ERRORS as MESSAGES
 from messages.errors import Error
+from messages.errors import HttpErrorCode as HttpCode
 
 log = logging.getLogger("getgoodtape.gateway")
-
-
-class HttpCode(enum.StrEnum):
-    """Codes of failures that belong to HTTP itself; job failures keep their ErrorCode."""
-
-    INVALID_REQUEST = "invalid_request"
-    UNAUTHORIZED = "unauthorized"
-    RATE_LIMITED = "rate_limited"
-    JOB_NOT_FOUND = "job_not_found"
-    NOT_FOUND = "not_found"
-    METHOD_NOT_ALLOWED = "method_not_allowed"
-    REQUEST_TOO_LARGE = "request_too_large"
-    JOB_NOT_FINISHED = "job_not_finished"
-    BUS_UNAVAILABLE = "bus_unavailable"
-    STORAGE_UNAVAILABLE = "storage_unavailable"
-    INTERNAL = "internal"
-
-
-#: the message a caller sees for each HTTP-level code
-MESSAGES: dict[HttpCode, str] = {
-    HttpCode.INVALID_REQUEST: "The request is not valid: check the named field against docs/API.md.",
-    HttpCode.UNAUTHORIZED: "A valid API key is required: send it as 'Authorization: Bearer <key>'.",
-    HttpCode.RATE_LIMITED: "Too many requests for this key or address; wait for Retry-After seconds.",
-    HttpCode.JOB_NOT_FOUND: "No job with this id is known.",
-    HttpCode.NOT_FOUND: "No such endpoint; see /api/openapi.json.",
-    HttpCode.METHOD_NOT_ALLOWED: "This endpoint does not accept that method.",
-    HttpCode.REQUEST_TOO_LARGE: "The request body is too large.",
-    HttpCode.JOB_NOT_FINISHED: "The job has not completed yet; follow its events.",
-    HttpCode.BUS_UNAVAILABLE: "The message broker did not accept the request; try again shortly.",
-    HttpCode.STORAGE_UNAVAILABLE: "Object storage did not answer; try again shortly.",
-    HttpCode.INTERNAL: "An unexpected error; it was logged.",
-}
 
 
 class ApiError(Exception):

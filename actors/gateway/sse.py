@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator
 import msgspec
 from aiohttp import web
 
-from actors.jobs import JobRecord
+from actors.jobs import JobRecord, final_event
 from messages.codec import DecodeError, Envelope, decode
-from messages.errors import Error, ErrorCode
 from messages.routing import EVENT_NAMES
 from messages.types import Base, JobCompleted, JobFailed, JobProgress, Stage
 
@@ -68,20 +67,9 @@ def format_event(message: Base) -> bytes:
             f"data: {_encoder.encode(message).decode()}\n\n").encode()
 
 
-def failed_stage(record: JobRecord) -> Stage:
-    """The stage a failed job was in (the last non-terminal stage it started)."""
-    started = [Stage(s) for s in record.stage_started if s not in (Stage.FAILED.value, Stage.COMPLETED.value)]
-    return started[-1] if started else Stage.PREPARING
-
-
 def state_event(record: JobRecord) -> Base:
     """The record's current state as the event a stream starts with."""
-    if record.stage == Stage.COMPLETED and record.result is not None:
-        return record.result
-    if record.stage == Stage.FAILED:
-        return JobFailed(job_id=record.job_id, stage=failed_stage(record),
-                         error=record.error or Error.of(ErrorCode.INTERNAL))
-    return JobProgress(job_id=record.job_id, stage=record.stage, percent=record.percent)
+    return final_event(record) or JobProgress(job_id=record.job_id, stage=record.stage, percent=record.percent)
 
 
 def queued_event(job_id: str) -> JobProgress:

@@ -200,8 +200,12 @@ class Worker:
             log.info("released for redelivery (shutdown)")
             raise
         except Exception:
-            # settling failed (broker gone): the broker redelivers the message; dedupe/state absorb it
-            log.exception("could not settle the delivery; the broker will redeliver it")
+            # settling failed (a publish or the broker failed): give the message back so it is
+            # redelivered — left unacked on a live channel it would never be; the delivery limit
+            # bounds a loop, dedupe and job state absorb a duplicate
+            log.exception("could not settle the delivery; released for redelivery")
+            with contextlib.suppress(Exception):  # a dead channel: the broker redelivers by itself
+                await delivery.release()
         finally:
             metrics.IN_FLIGHT.labels(self.actor.name).dec()
             self.processed += 1

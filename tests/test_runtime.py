@@ -146,3 +146,26 @@ def _d(settings):
     import msgspec
 
     return msgspec.structs.asdict(settings)
+
+
+async def test_a_delivery_that_cannot_be_settled_is_released_and_redelivered(memory_bus, bus_settings,
+                                                                            monkeypatch):
+    from bus.memory import MemoryDelivery
+
+    bus = memory_bus
+    actor = probe(bus, bus_settings)
+    original = MemoryDelivery._publish_copy
+    failures = []
+
+    async def flaky_copy(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise ConnectionError("broker dropped the retry publish")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryDelivery, "_publish_copy", flaky_copy)
+    await bus.publish(verify("flaky1-settle"))
+    async with running(Worker(actor)):
+        await actor.wait_for(lambda lines: "completed flaky1-settle" in lines)
+    assert failures == [1]
+    assert sum(line.startswith("started flaky1-settle") for line in actor.lines) == 3

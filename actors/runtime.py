@@ -126,6 +126,8 @@ class Actor:
         """Turn an unexpected exception into a coded error; transient ones are retryable."""
         if isinstance(exc, JobError):
             return exc
+        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            return self.classify(exc.exceptions[0])  # a TaskGroup wraps the one error that ended it
         if isinstance(exc, TRANSIENT_ERRORS):
             return JobError(ErrorCode.STORAGE_UNAVAILABLE if "s3" in repr(exc).lower() else ErrorCode.INTERNAL,
                             f"{type(exc).__name__}: {exc}", retryable=True)

@@ -6,19 +6,27 @@ Each test names the fault it injects and what must hold afterwards, and records 
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+
 import pytest
 
 from actors.planning import progress_percent
+from bus.replay import list_letters, replay
 from messages.types import ConvertRequested, JobCompleted, Stage
 from tests.fixtures.pipeline import pipeline_settings
 from tests.support.cluster import actor_cluster
 from tests.support.faults import (
     Stopwatch,
+    alive,
     keys_per_job,
     latest_stage,
     per_job_sources,
     record_figure,
+    restart_broker_app,
     stored_keys,
+    wait_for_records,
+    wait_settled,
 )
 
 pytestmark = pytest.mark.slow
@@ -120,3 +128,99 @@ async def test_sigkill_mid_job_every_job_completes_once_with_no_open_upload(
     assert len(keys) == JOBS and set(keys_per_job(keys).values()) == {1}, "exactly one stored object per job"
     assert sorted(keys) == sorted(f.key for f in finals.values())
     assert open_uploads == [], "no multipart upload left open"
+
+
+async def test_broker_restart_mid_flight_loses_and_duplicates_no_job(
+        storage_config, storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
+    settings = pipeline_settings(storage_config, amqp_url=amqp_url)
+    requests = slow_requests(media_server, media_files, "broker")
+    ids = [r.job_id for r in requests]
+    clock = Stopwatch()
+    async with actor_cluster(settings, tmp_path) as cluster:
+        cluster.start_all(GGT_PREFETCH=FAULT_PREFETCH)
+        pids = [p.pid for ps in cluster.processes.values() for p in ps]
+        await cluster.publish(requests)
+        await cluster.wait_until(lambda: IN_FLIGHT["uploader"](cluster), timeout=RECOVERY_TIMEOUT,
+                                 what="conversions in flight")
+        in_flight = len(cluster.progress) - len(cluster.finals)
+        restarted_at = clock()
+        # the test's own event queue is exclusive and dies with the broker: from here on the job
+        # records in storage say how each job ended
+        down_for = await restart_broker_app()
+        after_restart = Stopwatch()
+        records = await wait_for_records(storage, ids, timeout=RECOVERY_TIMEOUT)
+        recovered = after_restart()
+        survivors = [pid for pid in pids if alive(pid)]
+        final_events = dict(cluster.final_counts)
+    keys = await stored_keys(storage)
+    open_uploads = await storage.list_multipart_uploads()
+    letters = await list_letters(rabbit_bus)
+    stages = Counter(r.stage.value for r in records.values())
+    fetches = fetches_per_job(media_server, requests)
+    record_figure(tmp_path, "broker restart", jobs=JOBS, jobs_started_at_restart=in_flight,
+                  restarted_at_s=restarted_at, broker_down_s=down_for,
+                  seconds_to_finish_after_restart=recovered, total_s=clock(), stages=dict(stages),
+                  stored_objects=len(keys), open_uploads=len(open_uploads), dead_letters=len(letters),
+                  actor_processes_alive=f"{len(survivors)}/{len(pids)}",
+                  jobs_refetched=sum(f > min(fetches) for f in fetches),
+                  # the test's own subscription is restored by its robust connection, when it is
+                  final_events_seen=sum(final_events.values()), jobs_with_final_event=len(final_events))
+    assert stages == {Stage.COMPLETED.value: JOBS}, "none lost: every job completed"
+    assert len(keys) == JOBS and set(keys_per_job(keys).values()) == {1}, "none duplicated: one object per job"
+    assert sorted(keys) == sorted(r.key for r in records.values())
+    assert open_uploads == [] and letters == []
+    assert survivors == pids, "the actors rode out the restart without being restarted"
+
+
+#: the storage outage, seconds: the injected fault itself (waiting it out is the scenario)
+OUTAGE_S = 30.0
+#: retry tiers and attempts for the outage: a step's fifth attempt comes ~37 s after its first failure,
+#: past the outage (with a shorter budget steps are dead-lettered; see docs/RELIABILITY.md on revival)
+OUTAGE_RETRY_DELAYS = (2.0, 5.0, 10.0, 20.0)
+OUTAGE_MAX_ATTEMPTS = 5
+
+
+async def test_storage_unreachable_for_30s_jobs_retry_or_dead_letter_and_complete_after_replay(
+        strict_s3, strict_storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
+    # the actors reach storage through the strict front, and so do the URLs the coordinator presigns
+    settings = pipeline_settings(strict_storage.config, amqp_url=amqp_url, retry_delays=OUTAGE_RETRY_DELAYS,
+                                 max_attempts=OUTAGE_MAX_ATTEMPTS)
+    requests = slow_requests(media_server, media_files, "outage")
+    ids = [r.job_id for r in requests]
+    clock = Stopwatch()
+    async with actor_cluster(settings, tmp_path) as cluster:
+        cluster.start_all(GGT_PREFETCH=FAULT_PREFETCH)
+        pids = [p.pid for ps in cluster.processes.values() for p in ps]
+        await cluster.publish(requests)
+        await cluster.wait_until(lambda: IN_FLIGHT["uploader"](cluster), timeout=RECOVERY_TIMEOUT,
+                                 what="conversions in flight")
+        in_flight = len(cluster.progress) - len(cluster.finals)
+        await strict_s3.down()
+        down_at = clock()
+        await asyncio.sleep(OUTAGE_S)  # the fault: storage stays unreachable this long
+        await strict_s3.up()
+        after_outage = Stopwatch()
+        refused = sum(1 for r in strict_s3.requests if r.fault == "down")
+        records, letters = await wait_settled(strict_storage, rabbit_bus, ids, timeout=RECOVERY_TIMEOUT)
+        settled = after_outage()
+        completed_by_retry = sum(r.stage == Stage.COMPLETED for r in records.values())
+        lettered_jobs = {letter.envelope.job_id for letter in letters}
+        codes = Counter(f"{letter.actor}:{letter.error_code}" for letter in letters)
+        outcomes = await replay(rabbit_bus)
+        records = await wait_for_records(strict_storage, ids, timeout=RECOVERY_TIMEOUT, stages=(Stage.COMPLETED,))
+        recovered = after_outage()
+        survivors = [pid for pid in pids if alive(pid)]
+    keys = await stored_keys(strict_storage)
+    open_uploads = await strict_storage.list_multipart_uploads()
+    left = await list_letters(rabbit_bus)
+    record_figure(tmp_path, "storage unreachable", jobs=JOBS, jobs_started_at_outage=in_flight,
+                  down_at_s=down_at, outage_s=OUTAGE_S, requests_dropped_while_down=refused,
+                  completed_by_retries=completed_by_retry, dead_lettered_jobs=len(lettered_jobs),
+                  dead_letters=dict(codes), replayed=len(outcomes),
+                  seconds_to_settle_after_outage=settled, seconds_to_finish_after_outage=recovered,
+                  total_s=clock(), stored_objects=len(keys), open_uploads=len(open_uploads),
+                  letters_left=len(left), actor_processes_alive=f"{len(survivors)}/{len(pids)}")
+    assert all(letter.error_code for letter in letters), "every dead letter carries its reason"
+    assert all(r.stage == Stage.COMPLETED for r in records.values()) and len(records) == JOBS
+    assert len(keys) == JOBS and set(keys_per_job(keys).values()) == {1}, "one stored object per job"
+    assert open_uploads == [] and left == []

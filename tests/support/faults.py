@@ -217,3 +217,25 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+async def wait_settled(storage: Storage, bus, job_ids: list[str], *, timeout: float
+                       ) -> tuple[dict[str, JobRecord], list]:
+    """Poll until every job is completed or has a letter in a dead-letter queue; (records, letters)."""
+    from bus.replay import list_letters
+
+    records: dict[str, JobRecord] = {}
+    letters: list = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                records = await job_records(storage, job_ids)
+                letters = await list_letters(bus)
+                lettered = {letter.envelope.job_id for letter in letters}
+                done = {j for j, r in records.items() if r.stage == Stage.COMPLETED}
+                if all(j in done or j in lettered for j in job_ids):
+                    return records, letters
+                await asyncio.sleep(0.5)  # polling other processes' state, not synchronising
+    except TimeoutError:
+        stuck = Counter(r.stage.value for r in records.values())
+        raise AssertionError(f"timed out after {timeout}s: stages {dict(stuck)}, {len(letters)} letters") from None

@@ -7,6 +7,7 @@ Each test names the fault it injects and what must hold afterwards, and records 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import pytest
@@ -22,6 +23,7 @@ from tests.support.faults import (
     keys_per_job,
     latest_stage,
     per_job_sources,
+    publish_plain,
     record_figure,
     restart_broker_app,
     stored_keys,
@@ -224,3 +226,75 @@ async def test_storage_unreachable_for_30s_jobs_retry_or_dead_letter_and_complet
     assert all(r.stage == Stage.COMPLETED for r in records.values()) and len(records) == JOBS
     assert len(keys) == JOBS and set(keys_per_job(keys).values()) == {1}, "one stored object per job"
     assert open_uploads == [] and left == []
+
+
+#: routing keys the garbage goes to: every actor's queue gets its share
+GARBAGE_KEYS = ("convert", "resolve_media", "stream_to_storage", "verify_object", "streamed")
+#: the four kinds of bad message, 25 of each
+BAD_KINDS = ("malformed", "unknown_type", "invalid_field", "oversized")
+
+
+def bad_message(kind: str, i: int) -> tuple[str, bytes, dict[str, object]]:
+    """(routing key, body, properties) of the i-th bad message of ``kind``, as a careless publisher sends it."""
+    key = GARBAGE_KEYS[i % len(GARBAGE_KEYS)]
+    props: dict[str, object] = {"content_type": "application/json", "message_id": f"bad-{kind}-{i:03d}"}
+    if kind == "malformed":
+        return key, b'{"url": "http://127.0.0.1/x.mp3", "format": ', props
+    if kind == "unknown_type":
+        return key, json.dumps({"type": "launch_rockets", "target": "moon"}).encode(), {**props, "type": "launch_rockets"}
+    if kind == "invalid_field":
+        return key, json.dumps({"url": 42, "format": "gif", "quality": "potato"}).encode(), props
+    padding = "x" * (1024 * 1024 + 1)  # one byte past the 1 MiB body limit
+    body = json.dumps({"url": "http://127.0.0.1/a.mp3", "format": "mp3", "job_id": f"huge-{i}", "pad": padding})
+    return key, body.encode(), props
+
+
+def good_message(url: str, fmt: str, job_id: str) -> tuple[str, bytes, dict[str, object]]:
+    """A ConvertRequested written by hand, the way another system publishes it (docs/MESSAGES.md)."""
+    body = json.dumps({"type": "convert_requested", "url": url, "format": fmt, "job_id": job_id}).encode()
+    return "convert", body, {"content_type": "application/json", "type": "convert_requested",
+                             "message_id": f"good-{job_id}"}
+
+
+async def test_hundred_bad_messages_are_dead_lettered_with_reasons_and_twenty_good_jobs_complete(
+        storage_config, storage, amqp_url, rabbit_bus, media_server, tmp_path):
+    settings = pipeline_settings(storage_config, amqp_url=amqp_url)
+    sources = ["av_h264_aac.mp4", "audio.mp3", "av_vp9_opus.webm", "audio_only.m4a"]
+    good = [good_message(media_server.url(sources[i % 4]), ("mp3", "m4a", "opus", "flac", "wav")[i % 5],
+                         f"mixed-{i:04d}") for i in range(JOBS)]
+    bad = [bad_message(kind, i) for kind in BAD_KINDS for i in range(25)]
+    # interleave: four bad messages before each good one
+    mixed = [m for pair in zip([bad[i::JOBS] for i in range(JOBS)], good, strict=True) for m in [*pair[0], pair[1]]]
+    assert len(mixed) == len(bad) + len(good)
+    clock = Stopwatch()
+    async with actor_cluster(settings, tmp_path) as cluster:
+        cluster.start_all()
+        pids = {actor: ps[0].pid for actor, ps in cluster.processes.items()}
+        await publish_plain(amqp_url, mixed)
+        ids = [f"mixed-{i:04d}" for i in range(JOBS)]
+        await cluster.wait_until(lambda: all(i in cluster.finals for i in ids), timeout=RECOVERY_TIMEOUT,
+                                 what="the 20 good jobs")
+        good_done = clock()
+
+        async def dead_lettered() -> int:
+            depths = await rabbit_bus.queue_depths()
+            return sum(n for name, n in depths.items() if name.endswith(".dlq"))
+
+        async with asyncio.timeout(RECOVERY_TIMEOUT):
+            while await dead_lettered() < len(bad):  # noqa: ASYNC110 — the broker's state
+                await asyncio.sleep(0.2)
+        letters = await list_letters(rabbit_bus)
+        survivors = {actor: pid for actor, pid in pids.items() if alive(pid)}
+        processes = sum(len(ps) for ps in cluster.processes.values())
+    finals = cluster.finals
+    record_figure(tmp_path, "bad messages", bad_messages=len(bad), good_jobs=JOBS,
+                  good_completed=sum(isinstance(finals[i], JobCompleted) for i in ids),
+                  seconds_for_good_jobs=good_done, dead_letters=len(letters),
+                  letters_by_actor=dict(Counter(letter.actor for letter in letters)),
+                  letter_codes=dict(Counter(letter.error_code for letter in letters)),
+                  actor_processes_alive=f"{len(survivors)}/{len(pids)}", processes_started=processes)
+    assert all(isinstance(finals[i], JobCompleted) for i in ids), {i: finals[i] for i in ids}
+    assert sorted(letter.envelope.message_id for letter in letters) == sorted(str(p["message_id"]) for _, _, p in bad)
+    assert {letter.error_code for letter in letters} == {"undecodable_message"}
+    assert all(letter.error_message for letter in letters), "each letter says why"
+    assert survivors == pids and processes == 4, "no actor restarted"

@@ -9,6 +9,7 @@ behind: stored objects, open multipart uploads, job records, a process's peak RS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -239,3 +240,49 @@ async def wait_settled(storage: Storage, bus, job_ids: list[str], *, timeout: fl
     except TimeoutError:
         stuck = Counter(r.stage.value for r in records.values())
         raise AssertionError(f"timed out after {timeout}s: stages {dict(stuck)}, {len(letters)} letters") from None
+
+
+#: header that marks a copy the tap published itself (never copied again)
+COPY_HEADER = "test-copy"
+
+
+class CommandTap:
+    """A private queue bound to ggt.commands with the given routing keys: sees every command published
+    with them; with ``double=True`` it publishes each one again (same id, body and properties)."""
+
+    def __init__(self, amqp_url: str, routing_keys: Iterable[str], *, double: bool = False) -> None:
+        self.amqp_url, self.routing_keys, self.double = amqp_url, list(routing_keys), double
+        #: (routing key, message type, message id, job id) of each original seen
+        self.seen: list[tuple[str, str, str, str]] = []
+        self.copies: Counter[str] = Counter()
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> CommandTap:
+        self._stack = contextlib.AsyncExitStack()
+        connection = await self._stack.enter_async_context(await aio_pika.connect(self.amqp_url))
+        channel = await connection.channel(publisher_confirms=True)
+        self._exchange = await channel.get_exchange("ggt.commands")
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in self.routing_keys:
+            await queue.bind(self._exchange, key)
+        await queue.consume(self._on_message)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._stack is not None
+        await self._stack.aclose()
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with message.process():
+            if (message.headers or {}).get(COPY_HEADER):
+                return
+            self.seen.append((message.routing_key or "", message.type or "", message.message_id or "",
+                              message.correlation_id or ""))
+            if self.double:
+                copy = aio_pika.Message(
+                    message.body, headers={**(message.headers or {}), COPY_HEADER: 1},
+                    content_type=message.content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message.message_id, correlation_id=message.correlation_id, type=message.type,
+                    timestamp=message.timestamp, reply_to=message.reply_to, app_id=message.app_id)
+                await self._exchange.publish(copy, routing_key=message.routing_key or "", timeout=30)
+                self.copies[message.type or message.routing_key or ""] += 1

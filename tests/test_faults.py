@@ -14,12 +14,16 @@ import pytest
 
 from actors.planning import progress_percent
 from bus.replay import list_letters, replay
-from messages.types import ConvertRequested, JobCompleted, Stage
+from messages.errors import ErrorCode
+from messages.routing import ROUTING_KEYS
+from messages.types import ConvertRequested, JobCompleted, JobFailed, Stage
 from tests.fixtures.pipeline import pipeline_settings
 from tests.support.cluster import actor_cluster
 from tests.support.faults import (
+    CommandTap,
     Stopwatch,
     alive,
+    descendants,
     keys_per_job,
     latest_stage,
     per_job_sources,
@@ -30,6 +34,7 @@ from tests.support.faults import (
     wait_for_records,
     wait_settled,
 )
+from tests.support.processes import until
 
 pytestmark = pytest.mark.slow
 
@@ -298,3 +303,86 @@ async def test_hundred_bad_messages_are_dead_lettered_with_reasons_and_twenty_go
     assert {letter.error_code for letter in letters} == {"undecodable_message"}
     assert all(letter.error_message for letter in letters), "each letter says why"
     assert survivors == pids and processes == 4, "no actor restarted"
+
+
+async def test_every_command_delivered_twice_has_its_effect_once(
+        storage_config, storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
+    settings = pipeline_settings(storage_config, amqp_url=amqp_url)
+    source = media_files["audio.mp3"]
+    ids = [f"twice-{i:04d}" for i in range(JOBS)]
+    paths = per_job_sources(media_files, source, ["twice-reference", *ids], folder="faults/twice")
+    requests = [ConvertRequested(url=media_server.url(paths[j]), format=("mp3", "wav")[i % 2], job_id=j)
+                for i, j in enumerate(ids)]
+    clock = Stopwatch()
+    async with actor_cluster(settings, tmp_path) as cluster:
+        cluster.start_all()
+        # a job with every message delivered once: how often a job fetches its source
+        reference = ConvertRequested(url=media_server.url(paths["twice-reference"]), format="mp3",
+                                     job_id="twice-reference")
+        await cluster.run([reference])
+        fetches_once = len(media_server.requests_for(paths["twice-reference"]))
+        async with CommandTap(amqp_url, ROUTING_KEYS.values(), double=True) as tap:
+            await cluster.run(requests)
+            seen = list(tap.seen)
+            copies = dict(tap.copies)
+    keys = await stored_keys(storage)
+    fetches = [len(media_server.requests_for(paths[j])) for j in ids]
+    finals = cluster.finals
+    record_figure(tmp_path, "every command twice", jobs=JOBS, copies_by_type=copies,
+                  commands_seen=len(seen), fetches_per_job_once=fetches_once,
+                  fetches_per_job_doubled=[min(fetches), max(fetches)], stored_objects=len(keys),
+                  final_events_max_per_job=max(cluster.final_counts[j] for j in ids), total_s=clock())
+    assert all(isinstance(finals[j], JobCompleted) for j in ids)
+    assert set(copies) >= {"convert_requested", "resolve_media", "media_resolved", "stream_to_storage",
+                           "streamed", "verify_object", "verified"}, copies
+    assert all(copies[t] == JOBS for t in copies), "each job's commands were each delivered twice"
+    assert all(cluster.final_counts[j] == 1 for j in ids), "one JobCompleted per job"
+    assert set(fetches) == {fetches_once}, "no step fetched the source a second time (no second conversion)"
+    assert len(keys) == JOBS + 1 and set(keys_per_job(keys).values()) == {1}, "one stored object per job"
+
+
+#: the uploader's time limit in the time-limit scenario, seconds
+SHORT_TIME_LIMIT = 5.0
+#: bytes per second of the never-ending source: its 30 s take ~30 s to arrive, far past the limit
+CRAWL_RATE = 16 * 1024
+
+
+async def test_job_past_its_time_limit_kills_ffmpeg_and_fails_once_with_timeout(
+        storage_config, storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
+    settings = pipeline_settings(storage_config, amqp_url=amqp_url, job_time_limit=SHORT_TIME_LIMIT)
+    source = media_files.make_media(seconds=SLOW_SOURCE_SECONDS, video=None, audio="mp3", ext="mp3")
+    paths = per_job_sources(media_files, source, ["limit-0001"], folder="faults/limit")
+    request = ConvertRequested(url=media_server.url(f"slow/{paths['limit-0001']}?rate={CRAWL_RATE}"),
+                               format="mp3", job_id="limit-0001")
+    sentinel = ConvertRequested(url=media_server.url("audio.mp3"), format="mp3", job_id="limit-after")
+    clock = Stopwatch()
+    async with actor_cluster(settings, tmp_path) as cluster, \
+            CommandTap(amqp_url, ["stream_to_storage"]) as tap:
+        cluster.start_all()
+        uploader = cluster.processes["uploader"][0]
+        await cluster.publish([request])
+
+        def ffmpeg_running() -> list[int]:
+            return [pid for pid, name in descendants(uploader.pid) if name == "ffmpeg"]
+
+        await until(lambda: bool(ffmpeg_running()), timeout=60, what="the uploader's ffmpeg to start")
+        ffmpeg_pids = ffmpeg_running()
+        await cluster.wait_until(lambda: request.job_id in cluster.finals, timeout=60, what="the final event")
+        failed_after = clock()
+        await until(lambda: not ffmpeg_running() and not any(alive(p) for p in ffmpeg_pids), timeout=10,
+                    what="ffmpeg to be gone")
+        # a job behind it on the same queues finishes: a looping redelivery would have come first
+        await cluster.run([sentinel])
+        streams = [s for s in tap.seen if s[3] == request.job_id]
+        fetches = len(media_server.requests_for(f"slow/{paths['limit-0001']}"))
+        final = cluster.finals[request.job_id]
+        final_count = cluster.final_counts[request.job_id]
+        uploader_alive = alive(uploader.pid)
+    record_figure(tmp_path, "time limit", time_limit_s=SHORT_TIME_LIMIT, failed_after_s=failed_after,
+                  error_code=str(getattr(getattr(final, "error", None), "code", "")),
+                  ffmpeg_left=len(ffmpeg_running()), stream_commands=len(streams), source_fetches=fetches,
+                  final_events=final_count, uploader_alive=uploader_alive)
+    assert isinstance(final, JobFailed) and final.error.code == ErrorCode.TIMEOUT, final
+    assert final_count == 1 and len(streams) == 1, "no loop: one StreamToStorage, one final event"
+    assert isinstance(cluster.finals[sentinel.job_id], JobCompleted)
+    assert uploader_alive, "the uploader process survives its job's time limit"

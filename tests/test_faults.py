@@ -153,7 +153,7 @@ async def test_broker_restart_mid_flight_loses_and_duplicates_no_job(
         restarted_at = clock()
         # the test's own event queue is exclusive and dies with the broker: from here on the job
         # records in storage say how each job ended
-        down_for = await restart_broker_app()
+        down_for = await restart_broker_app(amqp_url)
         after_restart = Stopwatch()
         records = await wait_for_records(storage, ids, timeout=RECOVERY_TIMEOUT)
         recovered = after_restart()

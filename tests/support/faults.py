@@ -145,8 +145,14 @@ async def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
-async def restart_broker_app() -> float:
-    """``stop_app`` then ``start_app`` on the local node (never the node itself); seconds it was down."""
+async def restart_broker_app(amqp_url: str) -> float:
+    """``stop_app`` then ``start_app`` on the local node (never the node itself); seconds it was down.
+
+    Only the local broker can be restarted this way: any other test broker fails the test, never skips it.
+    """
+    parts = urlsplit(amqp_url)
+    assert (parts.hostname, parts.port or 5672) in (("127.0.0.1", 5672), ("localhost", 5672)), \
+        f"the broker restart scenario needs the local broker (rabbitmqctl), not {parts.hostname}:{parts.port}"
     started = time.monotonic()
     await rabbitmqctl("stop_app")
     await rabbitmqctl("start_app")

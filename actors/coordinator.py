@@ -44,6 +44,7 @@ from messages.types import (
     MediaPlan,
     MediaResolved,
     PartUpload,
+    RenewUpload,
     ResolveMedia,
     Stage,
     StepFailed,
@@ -184,10 +185,32 @@ class Coordinator(Actor):
         record.key = record.key or object_key(record.job_id, plan.extension, now=record.created_at,
                                               nonce=record.key_nonce)
         record.plan = plan
-        record.target = await metrics.counted_presign("upload", self._prepare_upload(record.key, plan))
+        await self._hand_to_uploader(record, etag, ctx, renewals=0)
+
+    async def renew_upload(self, message: RenewUpload, ctx: Context) -> None:
+        """An uploader got a stale target (a replayed or expired command): presign a fresh upload and
+        hand the job over again — which revives a job that failed for a retryable reason."""
+        found = await self._advancing(message.job_id, Stage.CONVERTING, ctx)
+        if found is None:
+            return
+        record, etag = found
+        if record.plan is None or message.key != record.key:
+            raise JobError(ErrorCode.UPLOAD_FAILED, f"renewal for {message.key}, but the job stores {record.key}")
+        if record.stage == Stage.FAILED:
+            record.revivals += 1
+        old = record.target.multipart if record.target is not None else None
+        if old is not None:  # the stale upload, if the uploader did not abort it already
+            with contextlib.suppress(StorageUnavailable):
+                await self.storage.abort_multipart(record.key, old.upload_id)
+        await self._hand_to_uploader(record, etag, ctx, renewals=ctx.envelope.replays)
+
+    async def _hand_to_uploader(self, record: JobRecord, etag: str, ctx: Context, *, renewals: int) -> None:
+        """Presign the upload for the record's plan and send StreamToStorage."""
+        assert record.plan is not None
+        record.target = await metrics.counted_presign("upload", self._prepare_upload(record.key, record.plan))
         enter(record, Stage.CONVERTING, now=utcnow(), percent=progress_percent(Stage.CONVERTING, 0))
-        command = StreamToStorage(job_id=record.job_id, plan=plan, target=record.target,
-                                  time_limit=self.settings.job_time_limit)
+        command = StreamToStorage(job_id=record.job_id, plan=record.plan, target=record.target,
+                                  time_limit=self.settings.job_time_limit, renewals=renewals)
         await self._commit(record, etag, ctx, [command])
         await self._progress(record, Stage.CONVERTING, 0.0, "converting and uploading")
 
@@ -222,7 +245,8 @@ class Coordinator(Actor):
             return
         record, etag = found
         if not message.ok:
-            await self._fail(record, etag, ctx, Error.of(ErrorCode.VERIFICATION_FAILED, "; ".join(message.problems)))
+            await self._fail(record, etag, ctx, Error.of(ErrorCode.VERIFICATION_FAILED, "; ".join(message.problems)),
+                             clean_up=True)
             return
         assert record.plan is not None and record.streamed is not None
         now = utcnow()
@@ -255,6 +279,10 @@ class Coordinator(Actor):
             return
         record, etag = found
         if await self._redelivered(record, ctx) or record.stage in TERMINAL:
+            return
+        if message.cause and message.cause not in {entry.message_id for entry in record.outbox}:
+            log.info("stale failure ignored: the job has moved past the failed command",
+                     extra={"cause": message.cause, "stage": record.stage.value})
             return
         await self._fail(record, etag, ctx, message.error)
 
@@ -324,14 +352,16 @@ class Coordinator(Actor):
                             multipart=multipart,
                             expires_at=(utcnow() + timedelta(seconds=expires)).isoformat())
 
-    async def _fail(self, record: JobRecord, etag: str, ctx: Context, error: Error) -> None:
-        """Abort what is open, delete what is stored, record and announce the failure."""
+    async def _fail(self, record: JobRecord, etag: str, ctx: Context, error: Error, *,
+                    clean_up: bool | None = None) -> None:
+        """Record and announce the failure. A permanent failure (or ``clean_up``) also aborts the open
+        upload and deletes what is stored; a retryable one keeps them, since an operator's replay of
+        the dead-lettered step can revive the job (the sweep at completion, or the bucket's lifecycle
+        rule, removes what stays)."""
         target = record.target
-        if target is not None:
+        if target is not None and (not error.retryable if clean_up is None else clean_up):
             with contextlib.suppress(StorageUnavailable):
-                if target.multipart is not None and (record.streamed is None
-                                                     or record.streamed.upload_mode != "multipart"
-                                                     or record.stage == Stage.CONVERTING):
+                if target.multipart is not None:
                     await self.storage.abort_multipart(record.key, target.multipart.upload_id)
                 await self.storage.delete(record.key)
         enter(record, Stage.FAILED, now=utcnow())

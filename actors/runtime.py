@@ -35,7 +35,7 @@ from actors import metrics
 from actors.logs import actor_var, job_id_var, message_id_var
 from actors.settings import Settings
 from bus.base import Bus, BusError, Delivery, retry_delay
-from messages.codec import DecodeError, Envelope, decode
+from messages.codec import H_REPLAYS, DecodeError, Envelope, decode
 from messages.errors import Error, ErrorCode, JobError
 from messages.types import Base, StepFailed
 
@@ -75,8 +75,11 @@ class Context:
         return self.delivery.reply_to
 
     async def publish(self, message: Base, *, reply_to: str | None = None) -> None:
-        """Publish a command or event (confirmed); the original reply-to travels along."""
-        await self.bus.publish(message, reply_to=reply_to or self.delivery.reply_to)
+        """Publish a command or event (confirmed); the original reply-to and replay count travel along,
+        so the result of a replayed step is known as such (it may revive its failed job)."""
+        replays = self.envelope.replays
+        await self.bus.publish(message, reply_to=reply_to or self.delivery.reply_to,
+                               headers={H_REPLAYS: replays} if replays else None)
 
 
 HandlerFn = Callable[[Base, Context], Awaitable[None]]
@@ -138,7 +141,8 @@ class Actor:
         job_id = ctx.envelope.job_id or getattr(message, "job_id", "")
         if not job_id or isinstance(message, StepFailed):
             return
-        await ctx.publish(StepFailed(job_id=job_id, step=self.step or self.name, error=error))
+        await ctx.publish(StepFailed(job_id=job_id, step=self.step or self.name, error=error,
+                                     cause=ctx.envelope.message_id))
 
 
 class Worker:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import time
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import msgspec
@@ -20,7 +21,7 @@ from actors.guard import FetchGuard
 from actors.planning import MonotonicProgress, converting_fraction, ffmpeg_argv
 from actors.runtime import Actor, Context
 from actors.streaming import stream_to_target
-from messages.types import InputVia, JobProgress, MediaPlan, Stage, Streamed, StreamToStorage
+from messages.types import InputVia, JobProgress, MediaPlan, RenewUpload, Stage, Streamed, StreamToStorage
 
 #: at most this many progress events per second per job
 PROGRESS_PER_SECOND = 2.0
@@ -53,6 +54,18 @@ def feeder_argv(plan: MediaPlan, *, proxy_url: str, timeout: float) -> list[str]
     return [*argv, "--", source.url]
 
 
+def stale_target(message: StreamToStorage, *, replays: int, now: datetime) -> str:
+    """Why the command's upload URLs cannot be used (empty when they can): a replayed copy whose
+    upload may have been aborted meanwhile, or URLs that expire before the step could finish."""
+    if replays > message.renewals:
+        return f"replayed command (replay {replays}): the upload it names may be gone"
+    if message.target.expires_at:
+        expires = datetime.fromisoformat(message.target.expires_at)
+        if expires < now + timedelta(seconds=message.time_limit):
+            return f"upload URLs expire at {message.target.expires_at}, before the step could finish"
+    return ""
+
+
 class Uploader(Actor):
     """StreamToStorage → ffmpeg → presigned PUTs → Streamed."""
 
@@ -76,6 +89,10 @@ class Uploader(Actor):
 
     async def stream(self, message: StreamToStorage, ctx: Context) -> None:
         """Run the plan and stream its output into storage; report what was stored."""
+        stale = stale_target(message, replays=ctx.envelope.replays, now=datetime.now(UTC))
+        if stale:
+            await ctx.publish(RenewUpload(job_id=message.job_id, key=message.target.key, reason=stale))
+            return
         started = time.monotonic()
         progress = _ProgressReporter(ctx, message.job_id, message.plan.duration)
         async with FetchGuard(allow=self.settings.allow_networks,

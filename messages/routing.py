@@ -13,6 +13,7 @@ from messages.types import (
     JobFailed,
     JobProgress,
     MediaResolved,
+    RenewUpload,
     ResolveMedia,
     StepFailed,
     Streamed,
@@ -44,6 +45,7 @@ ROUTING_KEYS: dict[type[Base], str] = {
     Streamed: "streamed",
     VerifyObject: "verify_object",
     Verified: "verified",
+    RenewUpload: "renew_upload",
     StepFailed: "step_failed",
 }
 
@@ -56,6 +58,7 @@ CONSUMER: dict[type[Base], str] = {
     Streamed: COORDINATOR,
     VerifyObject: VERIFIER,
     Verified: COORDINATOR,
+    RenewUpload: COORDINATOR,
     StepFailed: COORDINATOR,
 }
 

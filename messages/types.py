@@ -271,6 +271,8 @@ class StreamToStorage(Base, tag="stream_to_storage"):
     target: UploadTarget
     #: seconds of the job's time limit left for this step
     time_limit: Seconds
+    #: how many replays this target was issued for; a replayed copy with more replays asks for fresh URLs
+    renewals: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Streamed(Base, tag="streamed"):
@@ -313,12 +315,22 @@ class Verified(Base, tag="verified"):
     duration: Seconds = 0
 
 
+class RenewUpload(Base, tag="renew_upload"):
+    """Uploader → coordinator: the upload URLs it got are stale (a replayed or expired command); send fresh ones."""
+
+    job_id: JobId
+    key: ObjectKey
+    reason: ShortText = ""
+
+
 class StepFailed(Base, tag="step_failed"):
     """Any actor → coordinator: a step failed with a coded error."""
 
     job_id: JobId
     step: Annotated[str, msgspec.Meta(max_length=64)]
     error: Error
+    #: message id of the command whose step failed; a failure of a command the job has moved past is stale
+    cause: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
 
 #: Every message type, for the one decoder of the union.
@@ -330,6 +342,7 @@ Message = (
     | Streamed
     | VerifyObject
     | Verified
+    | RenewUpload
     | StepFailed
     | JobProgress
     | JobCompleted
@@ -344,6 +357,7 @@ MESSAGE_TYPES: tuple[type[Base], ...] = (
     Streamed,
     VerifyObject,
     Verified,
+    RenewUpload,
     StepFailed,
     JobProgress,
     JobCompleted,

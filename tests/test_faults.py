@@ -181,17 +181,22 @@ async def test_broker_restart_mid_flight_loses_and_duplicates_no_job(
 
 #: the storage outage, seconds: the injected fault itself (waiting it out is the scenario)
 OUTAGE_S = 30.0
-#: retry tiers and attempts for the outage: a step's fifth attempt comes ~37 s after its first failure,
-#: past the outage (with a shorter budget steps are dead-lettered; see docs/RELIABILITY.md on revival)
-OUTAGE_RETRY_DELAYS = (2.0, 5.0, 10.0, 20.0)
-OUTAGE_MAX_ATTEMPTS = 5
+#: retry policies for the outage: (tiers, attempts). "retries outlast it": a step's fifth attempt
+#: comes ~37 s after its first failure, past the outage. "dead letter, then replay": steps exhaust
+#: their attempts within a second, are dead-lettered, and the replay after the outage revives the jobs.
+OUTAGE_POLICIES = {
+    "retries_outlast_the_outage": ((2.0, 5.0, 10.0, 20.0), 5),
+    "dead_letter_then_replay": ((0.05, 0.2, 0.5), 3),
+}
 
 
+@pytest.mark.parametrize("policy", list(OUTAGE_POLICIES))
 async def test_storage_unreachable_for_30s_jobs_retry_or_dead_letter_and_complete_after_replay(
-        strict_s3, strict_storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
+        policy, strict_s3, strict_storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
     # the actors reach storage through the strict front, and so do the URLs the coordinator presigns
-    settings = pipeline_settings(strict_storage.config, amqp_url=amqp_url, retry_delays=OUTAGE_RETRY_DELAYS,
-                                 max_attempts=OUTAGE_MAX_ATTEMPTS)
+    delays, attempts = OUTAGE_POLICIES[policy]
+    settings = pipeline_settings(strict_storage.config, amqp_url=amqp_url, retry_delays=delays,
+                                 max_attempts=attempts)
     requests = slow_requests(media_server, media_files, "outage")
     ids = [r.job_id for r in requests]
     clock = Stopwatch()
@@ -220,7 +225,7 @@ async def test_storage_unreachable_for_30s_jobs_retry_or_dead_letter_and_complet
     keys = await stored_keys(strict_storage)
     open_uploads = await strict_storage.list_multipart_uploads()
     left = await list_letters(rabbit_bus)
-    record_figure(tmp_path, "storage unreachable", jobs=JOBS, jobs_started_at_outage=in_flight,
+    record_figure(tmp_path, f"storage unreachable ({policy})", jobs=JOBS, jobs_started_at_outage=in_flight,
                   down_at_s=down_at, outage_s=OUTAGE_S, requests_dropped_while_down=refused,
                   completed_by_retries=completed_by_retry, dead_lettered_jobs=len(lettered_jobs),
                   dead_letters=dict(codes), replayed=len(outcomes),

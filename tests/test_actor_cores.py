@@ -117,3 +117,23 @@ def test_object_keys_are_unguessable_even_for_client_chosen_job_ids():
     assert first.key_nonce != second.key_nonce and len(first.key_nonce) == 16
     key = object_key("order-4711", "mp3", now=T0, nonce=first.key_nonce)
     assert key == f"converted/2026/11/order-4711-{first.key_nonce}.mp3"
+
+
+def test_a_replayed_or_expiring_stream_command_is_stale():
+    from actors.uploader import stale_target
+    from messages.types import StreamToStorage, UploadTarget
+
+    plan = MediaPlan(inputs=[MediaInput(url="https://e.com/a.mp4")], output_args=[], input_args=[[]],
+                     format="mp3", quality="192", content_type="audio/mpeg", extension="mp3", duration=1,
+                     max_bytes=1)
+
+    def command(expires: datetime, renewals: int = 0) -> StreamToStorage:
+        target = UploadTarget(key="converted/a.mp3", content_type="audio/mpeg", put_url="http://127.0.0.1/x",
+                              expires_at=expires.isoformat())
+        return StreamToStorage(job_id="job-00000001", plan=plan, target=target, time_limit=60, renewals=renewals)
+
+    fresh = command(T0 + timedelta(hours=1))
+    assert stale_target(fresh, replays=0, now=T0) == ""
+    assert "replayed" in stale_target(fresh, replays=1, now=T0)
+    assert stale_target(command(T0 + timedelta(hours=1), renewals=1), replays=1, now=T0) == ""
+    assert "expire" in stale_target(command(T0 + timedelta(seconds=30)), replays=0, now=T0)

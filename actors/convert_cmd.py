@@ -24,13 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from actors.registry import ACTOR_CLASSES
-from actors.serve import install_stop_signals, workers
+from actors.serve import install_stop_signals, local_services, workers
 from actors.settings import Settings, load_settings
-from actors.wiring import make_bus, with_embedded_s3
+from actors.wiring import make_bus
 from bus.base import Bus
 from messages.codec import decode, new_id
 from messages.types import ConvertRequested, Format, JobCompleted, JobFailed, JobProgress, Quality
-from storage.embedded import EmbeddedS3
 
 console = Console(stderr=True)
 
@@ -95,24 +94,6 @@ async def serve_local_file(path: Path) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/{quote(path.name)}"
     finally:
         await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def local_services(settings: Settings) -> AsyncIterator[tuple[Settings, Bus]]:
-    """The embedded S3 when no endpoint is configured, and the bus; both closed on exit."""
-    embedded = None
-    if not settings.s3_endpoint:
-        embedded = EmbeddedS3(bucket=settings.s3_bucket)
-        await asyncio.to_thread(embedded.start)
-        settings = with_embedded_s3(settings, embedded)
-    bus = make_bus(settings, name="convert")
-    await bus.start()
-    try:
-        yield settings, bus
-    finally:
-        await bus.close()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
 
 
 async def follow(bus: Bus, job_id: str, events: AsyncIterator, *, show: bool) -> JobCompleted | JobFailed:
@@ -180,7 +161,7 @@ async def run_convert(args: argparse.Namespace, settings: Settings, *, local: Pa
             # the one loopback address this run serves the file on; nothing else is opened up
             settings = msgspec.structs.replace(settings, allow_networks=(*settings.allow_networks, "127.0.0.1/32"))
         request = _request(args, source)
-        settings, bus = await stack.enter_async_context(local_services(settings))
+        settings, bus = await stack.enter_async_context(local_services(settings, name="convert"))
         stopping = asyncio.Event()
         install_stop_signals(stopping)
         await stack.enter_async_context(workers(list(ACTOR_CLASSES), settings=settings, bus=bus, stopping=stopping))

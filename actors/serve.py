@@ -9,11 +9,12 @@ import signal
 from collections.abc import AsyncIterator, Sequence
 
 from actors import metrics
-from actors.registry import actor_class
+from actors.registry import ACTOR_CLASSES, actor_class
 from actors.runtime import Actor, Worker
 from actors.settings import Settings
-from actors.wiring import make_bus
+from actors.wiring import make_bus, with_embedded_s3
 from bus.base import Bus
+from storage.embedded import EmbeddedS3
 
 log = logging.getLogger("getgoodtape.serve")
 
@@ -43,18 +44,37 @@ async def workers(names: Sequence[str], *, settings: Settings, bus: Bus, stoppin
             stopping.set()
 
 
-async def serve(names: Sequence[str], settings: Settings) -> None:
-    """Run the named actors until a stop signal; the process's main loop for ``getgoodtape run``."""
-    stopping = asyncio.Event()
-    install_stop_signals(stopping)
-    bus = make_bus(settings, name="+".join(names))
+@contextlib.asynccontextmanager
+async def local_services(settings: Settings, *, name: str = "getgoodtape",
+                         embedded_s3: bool = True) -> AsyncIterator[tuple[Settings, Bus]]:
+    """The bus, and the embedded S3 when no endpoint is configured and ``embedded_s3`` allows it
+    (only when every actor shares this process); both closed on exit."""
+    embedded = None
+    if not settings.s3_endpoint and embedded_s3:
+        embedded = EmbeddedS3(bucket=settings.s3_bucket)
+        await asyncio.to_thread(embedded.start)
+        settings = with_embedded_s3(settings, embedded)
+    bus = make_bus(settings, name=name)
     await bus.start()
-    deps: dict[str, object] = {}
     try:
-        async with metrics.exposed(settings, bus), \
-                workers(names, settings=settings, bus=bus, stopping=stopping, **deps):
-            log.info("actors running", extra={"actors": ",".join(names)})
-            await stopping.wait()
-            log.info("stop signal: finishing in-flight work", extra={"grace": settings.shutdown_grace})
+        yield settings, bus
     finally:
         await bus.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def serve(names: Sequence[str], settings: Settings) -> None:
+    """Run the named actors until a stop signal; the process's main loop for ``getgoodtape run``.
+
+    With every actor here and nothing configured, the in-memory bus and the embedded S3 serve them;
+    actors in separate processes need GGT_AMQP_URL and (coordinator, verifier) GGT_S3_ENDPOINT.
+    """
+    stopping = asyncio.Event()
+    install_stop_signals(stopping)
+    everything_here = set(names) >= set(ACTOR_CLASSES)
+    async with local_services(settings, name="+".join(names), embedded_s3=everything_here) as (settings, bus), \
+            metrics.exposed(settings, bus), workers(names, settings=settings, bus=bus, stopping=stopping):
+        log.info("actors running", extra={"actors": ",".join(names)})
+        await stopping.wait()
+        log.info("stop signal: finishing in-flight work", extra={"grace": settings.shutdown_grace})

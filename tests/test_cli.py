@@ -59,3 +59,26 @@ async def test_submit_follow_publishes_to_a_running_deployment_and_follows_the_j
 async def test_submit_without_a_broker_configured_says_what_to_set():
     code, _, err = await getgoodtape("submit", "https://example.com/a.mp4", "-f", "mp3")
     assert code == 2 and "GGT_AMQP_URL" in err
+
+
+async def test_run_all_with_nothing_configured_starts_on_embedded_services_and_stops_on_sigterm(tmp_path):
+    import signal
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GGT_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "actors.cli", "run", "all", cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    seen = []
+    async with asyncio.timeout(60):
+        while not any("actors running" in line for line in seen):
+            line = (await proc.stderr.readline()).decode()
+            assert line, f"exited early: {seen}"
+            seen.append(line)
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+
+
+async def test_a_separate_coordinator_without_storage_configured_says_what_to_set(amqp_url):
+    code, _, err = await getgoodtape("run", "coordinator", env={"GGT_AMQP_URL": amqp_url})
+    assert code != 0 and "GGT_S3_ENDPOINT" in err

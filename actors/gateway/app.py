@@ -135,9 +135,8 @@ async def run_gateway(settings: Settings, *, with_actors: Sequence[str] = ()) ->
     """``getgoodtape run gateway [actors…]``: serve the API on http_host:http_port until a stop signal,
     with ``with_actors`` running in this process (``all`` = every actor; then the in-memory bus and
     the embedded S3 are fine when nothing is configured)."""
-    from actors.convert_cmd import local_services
     from actors.registry import ACTOR_CLASSES
-    from actors.serve import install_stop_signals, workers
+    from actors.serve import install_stop_signals, local_services, workers
     from actors.wiring import make_bus, storage_config
 
     names = list(ACTOR_CLASSES) if "all" in with_actors else list(with_actors)
@@ -149,7 +148,7 @@ async def run_gateway(settings: Settings, *, with_actors: Sequence[str] = ()) ->
     install_stop_signals(stopping)
     async with contextlib.AsyncExitStack() as stack:
         if everything_here:
-            settings, bus = await stack.enter_async_context(local_services(settings))
+            settings, bus = await stack.enter_async_context(local_services(settings, name="gateway"))
         else:
             bus = make_bus(settings, name="gateway")
             await bus.start()

@@ -33,6 +33,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
               "(the in-memory bus only works with all actors in one process: `getgoodtape run all`)",
               file=sys.stderr)
         return 2
+    needs_storage = {"coordinator", "verifier"} & set(names)
+    if not settings.s3_endpoint and needs_storage and len(names) < len(ACTOR_CLASSES):
+        print(f"GGT_S3_ENDPOINT is not set: {', '.join(sorted(needs_storage))} in a process of its own needs the "
+              "shared S3 (MinIO, R2, S3, or `getgoodtape s3` for local runs); the embedded S3 only serves "
+              "`getgoodtape run all` and `getgoodtape convert`", file=sys.stderr)
+        return 2
     asyncio.run(serve(names, settings))
     return 0
 

@@ -40,7 +40,9 @@ MAX_TUNNELS = 64
 #: addresses of one host tried before giving up (each bounded by CONNECT_TIMEOUT)
 MAX_CONNECT_ATTEMPTS = 3
 #: bytes read per relay step
-RELAY_CHUNK = 64 * 1024
+RELAY_CHUNK = 1024 * 1024
+#: read buffer of an upstream connection: media flows this way, so big reads mean few loop turns per MiB
+UPSTREAM_BUFFER = 1024 * 1024
 #: protocols ffmpeg may use for a user's input: http(s) and what they run on, through the proxy
 FFMPEG_PROTOCOL_WHITELIST = "http,https,tls,tcp,httpproxy,crypto"
 #: request headers meant for the proxy or for one connection, never forwarded upstream
@@ -323,7 +325,8 @@ class FetchGuard:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     # a numeric host: the vetted address itself, no second lookup of the name
-                    return await asyncio.open_connection(str(ip), port, flags=socket.AI_NUMERICHOST)
+                    return await asyncio.open_connection(str(ip), port, flags=socket.AI_NUMERICHOST,
+                                                         limit=UPSTREAM_BUFFER)
             except (OSError, TimeoutError) as exc:
                 failure = exc
         raise _Refusal(502, f"cannot connect to port {port}: {failure!r}")

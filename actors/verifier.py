@@ -23,6 +23,8 @@ DURATION_TOLERANCE_S = 0.5
 #: seconds the probe's presigned GET stays valid
 PROBE_URL_TTL = 900
 
+#: formats whose duration is measured by counting packets
+PACKET_COUNTED = frozenset({Format.FLAC, Format.WEBM, Format.OPUS, Format.MP4, Format.M4A})
 #: ffprobe's format_name must contain one of these for each output format
 CONTAINERS: dict[Format, tuple[str, ...]] = {
     Format.MP3: ("mp3",),
@@ -96,8 +98,9 @@ class Verifier(Actor):
         measured = 0.0
         if not problems:
             url = await self.storage.presign_get(message.key, expires=PROBE_URL_TTL)
-            # piped FLAC and WebM carry no duration in their headers: count packets for those
-            count = message.format in (Format.FLAC, Format.WEBM, Format.OPUS)
+            # piped FLAC, WebM and Ogg carry no duration in their headers, and a fragmented MP4's is
+            # spread over its fragments: count the packets, reading the file once front to back
+            count = message.format in PACKET_COUNTED
             try:
                 probe = await ffprobe(url, timeout=min(300.0, self.settings.job_time_limit), count_packets=count)
             except JobError as exc:

@@ -200,8 +200,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from actors.logs import setup_logging
 
     settings = load_settings()
+    local = local_source(args.source)
+    if local is not None and settings.amqp_url:
+        # serving the file on loopback means letting this process's actors fetch 127.0.0.1; on a
+        # shared broker they would do that for other people's jobs too, and the deployment's own
+        # actors (which may take this job) refuse loopback
+        print("a local file can only be converted with the in-memory bus: unset GGT_AMQP_URL, or serve the file "
+              "over http(s) and use `getgoodtape submit`", file=sys.stderr)
+        return 2
     setup_logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
-    return asyncio.run(run_convert(args, settings, local=local_source(args.source)))
+    return asyncio.run(run_convert(args, settings, local=local))
 
 
 # -------------------------------------------------------------------------------------- submit

@@ -33,6 +33,7 @@ from actors.planning import progress_percent, validate_request
 from actors.runtime import Actor, Context
 from actors.streaming import READ_CHUNK, SINGLE_BUFFER, plan_parts
 from actors.wiring import storage_config
+from bus.base import Unroutable
 from messages.codec import decode, new_id
 from messages.errors import Error, ErrorCode, JobError
 from messages.types import (
@@ -144,7 +145,11 @@ class Coordinator(Actor):
             return
         await self.bus.publish(final)
         if record.reply_to:
-            await self.bus.reply(record.reply_to, final)
+            try:
+                await self.bus.reply(record.reply_to, final)
+            except Unroutable:  # the requester's queue is gone: ggt.events still has the event
+                log.warning("reply-to queue does not exist; final event only on ggt.events",
+                            extra={"reply_to": record.reply_to})
 
     # ---------------------------------------------------------------------------- the handlers
 
@@ -152,9 +157,11 @@ class Coordinator(Actor):
         """A new request: validate, create the job (or recognise a duplicate), ask for a plan."""
         job_id = job_id_for(message, message_id=ctx.envelope.message_id)
         reply_to = message.reply_to or ctx.reply_to
-        found = await self.load(job_id)
+        found = await self._record_for(job_id, quiet=True)
         if found is not None:
             record, _ = found
+            if await self._redelivered(record, ctx):
+                return  # this very request created the job; its commands are published again
             log.info("duplicate request: same job", extra={"job_id": job_id, "stage": record.stage.value})
             if record.stage in TERMINAL and reply_to:
                 await self._announce(msgspec.structs.replace(record, reply_to=reply_to))
@@ -211,7 +218,13 @@ class Coordinator(Actor):
         enter(record, Stage.CONVERTING, now=utcnow(), percent=progress_percent(Stage.CONVERTING, 0))
         command = StreamToStorage(job_id=record.job_id, plan=record.plan, target=record.target,
                                   time_limit=self.settings.job_time_limit, renewals=renewals)
-        await self._commit(record, etag, ctx, [command])
+        try:
+            await self._commit(record, etag, ctx, [command])
+        except BaseException:
+            if record.target.multipart is not None:  # never recorded: nobody else would abort it
+                with contextlib.suppress(Exception):
+                    await self.storage.abort_multipart(record.key, record.target.multipart.upload_id)
+            raise
         await self._progress(record, Stage.CONVERTING, 0.0, "converting and uploading")
 
     async def streamed(self, message: Streamed, ctx: Context) -> None:
@@ -319,12 +332,12 @@ class Coordinator(Actor):
             return None
         return found
 
-    async def _record_for(self, job_id: str) -> tuple[JobRecord, str] | None:
+    async def _record_for(self, job_id: str, *, quiet: bool = False) -> tuple[JobRecord, str] | None:
         try:
             found = await self.load(job_id)
         except StorageUnavailable as exc:
             raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
-        if found is None:
+        if found is None and not quiet:
             log.warning("message for an unknown job ignored", extra={"job_id": job_id})
         return found
 

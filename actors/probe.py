@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
@@ -181,6 +182,9 @@ def probe_argv(
     return [*argv, *input_args, "-i", url_or_path]
 
 
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
 def failure_code(stderr: str) -> ErrorCode:
     """The error code for an ffprobe failure, from its stderr: not media → no_media_found, else media_unavailable."""
     if any(hint in stderr for hint in _NOT_MEDIA_HINTS):
@@ -224,7 +228,8 @@ async def ffprobe(
                 os.killpg(proc.pid, signal.SIGKILL)
             # shielded so a cancelled caller still reaps the child
             await asyncio.shield(proc.wait())
-    message = stderr.decode(errors="replace").strip()[-STDERR_KEEP:]
+    # ffprobe names its input in its errors: a presigned URL's query (credential, signature) stays out
+    message = _QUERY.sub("?…", stderr.decode(errors="replace").strip())[-STDERR_KEEP:]
     if proc.returncode != 0:
         raise JobError(failure_code(message), f"ffprobe: {message or f'exit status {proc.returncode}'}")
     try:

@@ -228,6 +228,16 @@ class Worker:
             await delivery.dead_letter(actor=self.actor.name, error=error)
             metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
             return
+        if delivery.delivery_count >= self.settings.delivery_limit:
+            # the broker would dead-letter the message after this delivery without a word to the job:
+            # a process died on it every time; end it here, reported, instead of a last crash
+            error = Error.of(ErrorCode.INTERNAL, f"delivered {delivery.delivery_count + 1} times without being "
+                             "settled (the handling process kept dying)")
+            log.error("crash loop: dead-lettered before the delivery limit", extra={"deliveries": delivery.delivery_count})
+            await self._report_failure(message, error, ctx)
+            await delivery.dead_letter(actor=self.actor.name, error=error)
+            metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
+            return
         handler = self._handlers.get(type(message))
         if handler is None:
             error = Error.of(ErrorCode.UNDECODABLE_MESSAGE, f"actor {self.actor.name} has no handler for {env.type}")

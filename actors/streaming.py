@@ -129,13 +129,15 @@ async def stream_to_target(
     max_bytes: int,
     source_done: Callable[[], Awaitable[None]] | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    keep_upload: Callable[[BaseException], bool] | None = None,
 ) -> StreamResult:
     """Stream ``source`` to ``target`` until EOF; what was stored, or a coded JobError.
 
     ``source_done`` is awaited at EOF before the upload is committed (before the single PUT, the
     chunked body's end, or the last part is acknowledged): raise there (e.g. ``FfmpegProcess.check``)
     to refuse a truncated output. ``on_stored`` gets the bytes acknowledged so far. On failure or
-    cancellation the PUTs in flight are cancelled and the multipart upload is aborted.
+    cancellation the PUTs in flight are cancelled and the multipart upload is aborted — unless
+    ``keep_upload(error)`` says a retry of the same command will reuse it.
     """
     upload = _Upload(
         source,
@@ -154,12 +156,16 @@ async def stream_to_target(
         else:
             result = await upload.auto()
     except BaseException as exc:
-        await upload.abort_multipart()
+        error: BaseException = exc
         if isinstance(exc, BaseExceptionGroup):
-            raise _first_error(exc) from exc
-        if isinstance(exc, aiohttp.ClientError | TimeoutError):
-            raise JobError(ErrorCode.STORAGE_UNAVAILABLE, f"storage: {exc!r}") from exc
-        raise
+            error = _first_error(exc)
+        elif isinstance(exc, aiohttp.ClientError | TimeoutError):
+            error = JobError(ErrorCode.STORAGE_UNAVAILABLE, f"storage: {exc!r}")
+        if keep_upload is None or not keep_upload(error):
+            await upload.abort_multipart()
+        if error is exc:
+            raise
+        raise error from exc
     if result.mode != "multipart":
         await upload.abort_multipart()  # the upload prepared for a longer output stays unused
     return dataclasses.replace(result, seconds=time.monotonic() - started)

@@ -21,6 +21,7 @@ from actors.guard import FetchGuard
 from actors.planning import MonotonicProgress, converting_fraction, ffmpeg_argv
 from actors.runtime import Actor, Context
 from actors.streaming import stream_to_target
+from messages.errors import JobError
 from messages.types import InputVia, JobProgress, MediaPlan, RenewUpload, Stage, Streamed, StreamToStorage
 
 #: at most this many progress events per second per job
@@ -52,6 +53,16 @@ def feeder_argv(plan: MediaPlan, *, proxy_url: str, timeout: float) -> list[str]
     for name, value in source.headers.items():
         argv += ["--add-header", f"{name}:{value}"]
     return [*argv, "--", source.url]
+
+
+def keep_for_retry(error: BaseException, *, attempt: int, max_attempts: int) -> bool:
+    """Whether a failed stream leaves its multipart upload open: yes when the same command comes
+    back — a retryable error before the last attempt, or a shutdown (the message is redelivered) —
+    so the retry re-PUTs its parts there; no for a final failure (the coordinator aborts what a
+    permanent failure leaves, and a replay asks for a fresh upload)."""
+    if isinstance(error, asyncio.CancelledError):
+        return True
+    return isinstance(error, JobError) and error.retryable and attempt < max_attempts
 
 
 def stale_target(message: StreamToStorage, *, replays: int, now: datetime) -> str:
@@ -114,6 +125,8 @@ class Uploader(Actor):
                                 ff.stdout, message.target, session=self.http,
                                 parts_in_flight=self.settings.parts_in_flight,
                                 max_bytes=plan.max_bytes, source_done=ff.check, on_stored=progress.stored,
+                                keep_upload=lambda error: keep_for_retry(
+                                    error, attempt=ctx.attempt, max_attempts=self.settings.max_attempts),
                             ), format=plan.format.value)
                         except Exception:
                             guard.raise_if_blocked()  # a refused fetch explains the failure best

@@ -20,6 +20,8 @@ from storage import ObjectInfo, Storage, StorageUnavailable
 #: relative and absolute duration tolerance: within 2 % or 0.5 s of the expected duration
 DURATION_TOLERANCE = 0.02
 DURATION_TOLERANCE_S = 0.5
+#: the slowest read of a stored file the probe allows for (bytes per second)
+PROBE_BYTES_PER_S = 5 * 1024 * 1024
 #: seconds the probe's presigned GET stays valid
 PROBE_URL_TTL = 900
 
@@ -35,6 +37,12 @@ CONTAINERS: dict[Format, tuple[str, ...]] = {
     Format.MP4: ("mp4", "mov"),
     Format.WEBM: ("webm", "matroska"),
 }
+
+
+def probe_timeout(size: int, limit: float) -> float:
+    """Seconds the probe of a stored file may take: a minute plus a second per PROBE_BYTES_PER_S bytes
+    (counting packets reads the whole file), within the step's time limit."""
+    return min(limit, 60.0 + size / PROBE_BYTES_PER_S)
 
 
 def object_problems(head: ObjectInfo | None, message: VerifyObject) -> list[str]:
@@ -102,8 +110,12 @@ class Verifier(Actor):
             # spread over its fragments: count the packets, reading the file once front to back
             count = message.format in PACKET_COUNTED
             try:
-                probe = await ffprobe(url, timeout=min(300.0, self.settings.job_time_limit), count_packets=count)
+                probe = await ffprobe(url, timeout=probe_timeout(message.size, self.settings.job_time_limit),
+                                      count_packets=count)
             except JobError as exc:
+                if exc.code == ErrorCode.MEDIA_UNAVAILABLE:  # storage did not serve it: try again, keep the file
+                    raise JobError(ErrorCode.STORAGE_UNAVAILABLE, f"probing the stored file: {exc.detail}",
+                                   retryable=True) from exc
                 problems.append(f"the stored file cannot be probed: {exc.detail or exc.code}")
             else:
                 problems += media_problems(probe, message)

@@ -137,3 +137,16 @@ def test_a_replayed_or_expiring_stream_command_is_stale():
     assert "replayed" in stale_target(fresh, replays=1, now=T0)
     assert stale_target(command(T0 + timedelta(hours=1), renewals=1), replays=1, now=T0) == ""
     assert "expire" in stale_target(command(T0 + timedelta(seconds=30)), replays=0, now=T0)
+
+
+def test_a_failed_stream_keeps_its_upload_only_when_the_same_command_comes_back():
+    import asyncio
+
+    from actors.uploader import keep_for_retry
+    from messages.errors import JobError
+
+    transient = JobError(ErrorCode.STORAGE_UNAVAILABLE, "503")
+    assert keep_for_retry(transient, attempt=1, max_attempts=3)
+    assert not keep_for_retry(transient, attempt=3, max_attempts=3), "the last attempt cleans up"
+    assert not keep_for_retry(JobError(ErrorCode.TOO_LARGE), attempt=1, max_attempts=3)
+    assert keep_for_retry(asyncio.CancelledError(), attempt=1, max_attempts=3), "shutdown: redelivered"

@@ -82,3 +82,9 @@ async def test_run_all_with_nothing_configured_starts_on_embedded_services_and_s
 async def test_a_separate_coordinator_without_storage_configured_says_what_to_set(amqp_url):
     code, _, err = await getgoodtape("run", "coordinator", env={"GGT_AMQP_URL": amqp_url})
     assert code != 0 and "GGT_S3_ENDPOINT" in err
+
+
+async def test_convert_refuses_a_local_file_on_a_shared_broker(media_files, amqp_url):
+    code, _, err = await getgoodtape("convert", str(media_files["audio.mp3"]), "-f", "mp3",
+                                     env={"GGT_AMQP_URL": amqp_url})
+    assert code == 2 and "in-memory bus" in err

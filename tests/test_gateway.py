@@ -238,6 +238,8 @@ async def test_stats_show_storage_rates_and_a_coordinator_that_touched_no_file_b
     ({"format": "mp3"}, "$.url"),
     ({"url": "http://127.0.0.1/a.mp4", "format": "mp3", "start": -1}, "$.start"),
     ({"url": "http://127.0.0.1/a.mp4", "format": "mp3", "job_id": "no/slashes"}, "$.job_id"),
+    # an HTTP caller may not name a broker queue for the final event (it follows /events instead)
+    ({"url": "http://127.0.0.1/a.mp4", "format": "mp3", "reply_to": "ggt.uploader"}, "$.reply_to"),
 ])
 async def test_a_bad_request_answers_400_naming_the_field(gateway, body, field):
     response = await gateway.post("/api/convert", json=body)
@@ -455,3 +457,4 @@ async def test_shutting_the_gateway_down_ends_open_streams(storage):
                     assert await rest == []
     finally:
         await bus.close()
+

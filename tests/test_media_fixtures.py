@@ -145,3 +145,13 @@ def test_make_media_generates_and_caches_custom_sources(media_files):
 def test_audio_of_a_given_size_is_that_big(media_files):
     path = media_files.make_audio_of_size(8 * 1024 * 1024)
     assert abs(path.stat().st_size - 8 * 1024 * 1024) < 200_000
+
+
+async def test_probe_errors_never_carry_a_presigned_urls_query(media_server):
+    from actors.probe import ffprobe
+    from messages.errors import JobError
+
+    url = media_server.url("missing") + "?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=deadbeefsecret"
+    with pytest.raises(JobError) as failure:
+        await ffprobe(url, timeout=20)
+    assert "deadbeefsecret" not in failure.value.detail and "AKIDEXAMPLE" not in failure.value.detail

@@ -33,3 +33,25 @@ async def test_a_job_dead_lettered_in_an_outage_completes_after_a_replay(strict_
     assert isinstance(final, JobCompleted) and keys == [final.key]
     assert await strict_storage.list_multipart_uploads() == [], "the stale upload was aborted"
     assert pipeline.final_counts[request.job_id] <= 2, "at most a retryable JobFailed, then JobCompleted"
+
+
+async def test_a_request_whose_first_command_was_not_published_is_resumed_by_its_retry(
+        storage_config, storage, media_server, monkeypatch):
+    from bus.base import BusError
+    from bus.memory import MemoryBus
+
+    original = MemoryBus.publish_raw
+    refused = []
+
+    async def refuse_first_resolve(self, **kw):
+        if kw["routing_key"] == "resolve_media" and not refused:
+            refused.append(kw["envelope"].message_id)
+            raise BusError("broker dropped the publish")
+        return await original(self, **kw)
+
+    monkeypatch.setattr(MemoryBus, "publish_raw", refuse_first_resolve)
+    async with memory_pipeline(storage_config, storage) as pipeline:
+        final = await pipeline.run(ConvertRequested(url=media_server.url("audio.mp3"), format="mp3",
+                                                    job_id="resume-job-0001"))
+    assert refused, "the first ResolveMedia publish failed after the job was recorded"
+    assert isinstance(final, JobCompleted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from actors.runtime import Worker
@@ -169,3 +170,20 @@ async def test_a_delivery_that_cannot_be_settled_is_released_and_redelivered(mem
         await actor.wait_for(lambda lines: "completed flaky1-settle" in lines)
     assert failures == [1]
     assert sum(line.startswith("started flaky1-settle") for line in actor.lines) == 3
+
+
+async def test_a_message_that_keeps_killing_its_consumer_is_dead_lettered_and_reported_at_the_limit(
+        memory_bus, bus_settings):
+    from tests.support.buses import receiving as collect
+
+    await memory_bus.publish(verify("ok-crashloop"))
+    async with collect(memory_bus, "verifier") as got:
+        for _ in range(bus_settings.delivery_limit):  # each time the consumer "dies" holding it
+            await (await asyncio.wait_for(got.get(), 5)).release()
+    actor = probe(memory_bus, bus_settings)
+    async with running(Worker(actor)), receiving(memory_bus, "coordinator") as coordinator:
+        failed = await next_message(coordinator)
+        [letter] = await dead_letters_of(memory_bus, "verifier", count=1)
+    assert actor.lines == [], "the last delivery is not handed to the handler"
+    assert isinstance(failed, StepFailed) and failed.error.code == ErrorCode.INTERNAL
+    assert "without being settled" in letter.error_message

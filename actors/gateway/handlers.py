@@ -80,6 +80,10 @@ async def convert(request: web.Request) -> web.Response:
     except DecodeError as exc:
         raise ApiError(400, HttpCode.INVALID_REQUEST, field=exc.field, detail=exc.reason) from None
     assert isinstance(message, ConvertRequested)
+    if message.reply_to is not None:
+        # a queue on the broker is not an HTTP caller's to name: results come over /events
+        raise ApiError(400, HttpCode.INVALID_REQUEST, field="$.reply_to",
+                       detail="reply_to is for AMQP publishers; over HTTP follow /api/jobs/{id}/events")
     # the same id the coordinator would derive, so an idempotency key keeps naming one job
     job_id = message.job_id or (job_id_for(message, message_id="") if message.idempotency_key else new_id())
     try:

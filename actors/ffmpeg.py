@@ -265,6 +265,9 @@ class FfmpegProcess:
                     env=self._env,
                     preexec_fn=die_with_parent,
                 )
+        except BaseException:
+            os.close(out_r)  # nothing will read it: a failed start leaks no descriptor
+            raise
         finally:
             # The children hold their own copies; ours would keep the pipes open past their exit.
             for fd in (out_w, feed_r, feed_w):

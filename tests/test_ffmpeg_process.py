@@ -283,3 +283,11 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_a_failed_start_leaks_no_file_descriptor():
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        async with FfmpegProcess(["/nonexistent/ffmpeg", "-version"]):
+            pass
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -425,6 +425,7 @@ def test_healthcheck_reads_the_actors_from_the_run_command_line() -> None:
 
 
 def test_healthcheck_probes_gateway_healthz_then_metrics_then_nothing() -> None:
+    # 0.0.0.0 is the bind address in the settings; the probe itself always asks loopback (no traffic here)
     hc = load_healthcheck()
     assert hc.probe_url(["gateway"], http_host="0.0.0.0", http_port=8080, metrics_port=9100) == \
         "http://127.0.0.1:8080/healthz"

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from actors.registry import ACTOR_CLASSES
 from actors.serve import install_stop_signals, local_services, workers
 from actors.settings import Settings, load_settings
+from actors.webserve import serving
 from actors.wiring import make_bus
 from bus.base import Bus
 from messages.codec import decode, new_id
@@ -83,17 +85,8 @@ async def serve_local_file(path: Path) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/{name}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        from urllib.parse import quote
-
+    async with serving(app) as port:
         yield f"http://127.0.0.1:{port}/{quote(path.name)}"
-    finally:
-        await runner.cleanup()
 
 
 async def follow(bus: Bus, job_id: str, events: AsyncIterator, *, show: bool) -> JobCompleted | JobFailed:

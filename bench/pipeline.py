@@ -426,24 +426,19 @@ async def uploader_rows(sizes: tuple[str, ...], *, part_size: int) -> list[Uploa
     """bench.uploader's child (ffmpeg → stream_to_target) against its null sink, at each size."""
     from aiohttp import web
 
+    from actors.webserve import serving
     from bench.uploader import NullStore, parse_size, run_one
 
     app = web.Application(client_max_size=0)
     app.router.add_route("*", "/{tail:.*}", NullStore.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        store = NullStore(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")  # type: ignore[union-attr]
+    async with serving(app) as port:
+        store = NullStore(f"http://127.0.0.1:{port}")
         rows = []
         for size in sizes:
             row = await run_one(store, parse_size(size), part_size=part_size, parts_in_flight=2)
             rows.append(UploaderRow(size=row.size, seconds=row.seconds, peak_rss=row.peak_rss,
                                     written=row.written + row.ffmpeg_written, parts=row.parts))
         return rows
-    finally:
-        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------------------- all

@@ -12,6 +12,8 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
+from actors.webserve import serving
+
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
@@ -29,15 +31,9 @@ async def _serve() -> None:
     app.router.add_put("/relay", relay)
     async with aiohttp.ClientSession() as session:
         app[SESSION] = session
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        print(f"PORT {site._server.sockets[0].getsockname()[1]}", flush=True)  # type: ignore[union-attr]
-        try:
+        async with serving(app) as port:
+            print(f"PORT {port}", flush=True)
             await asyncio.Event().wait()  # until the benchmark terminates this process
-        finally:
-            await runner.cleanup()
 
 
 if __name__ == "__main__":

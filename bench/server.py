@@ -15,6 +15,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from actors.webserve import serving
+
 #: bytes read from disk and written per step of the paced route
 CHUNK = 256 * 1024
 CONTENT_TYPES = {".mp4": "video/mp4", ".m4a": "audio/mp4", ".mp3": "audio/mpeg"}
@@ -94,15 +96,9 @@ def make_app(root: Path) -> web.Application:
 
 
 async def _serve(root: Path) -> None:
-    runner = web.AppRunner(make_app(root), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    print(f"PORT {site._server.sockets[0].getsockname()[1]}", flush=True)  # type: ignore[union-attr]
-    try:
+    async with serving(make_app(root)) as port:
+        print(f"PORT {port}", flush=True)
         await asyncio.Event().wait()  # until the benchmark terminates this process
-    finally:
-        await runner.cleanup()
 
 
 def main() -> None:

@@ -325,16 +325,12 @@ async def _open_store(kind: str):
     if kind == "null":
         from aiohttp import web
 
+        from actors.webserve import serving
+
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", NullStore.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield NullStore(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
-        finally:
-            await runner.cleanup()
+        async with serving(app) as port:
+            yield NullStore(f"http://127.0.0.1:{port}")
         return
     from storage.embedded import EmbeddedS3, random_bucket_name
     from storage.s3 import Storage

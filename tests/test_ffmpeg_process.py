@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from actors.ffmpeg import STDERR_TAIL_LINES, FfmpegProcess, classify_exit, parse_progress
+from actors.webserve import serving
 from messages.errors import ErrorCode, JobError
 
 #: Seconds any single wait in these tests may take before the test fails instead of hanging.
@@ -58,15 +59,8 @@ async def http_404() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", not_found)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 # ------------------------------------------------------------------------------------ pure core

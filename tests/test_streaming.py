@@ -26,6 +26,7 @@ from actors.streaming import (
     plan_parts,
     stream_to_target,
 )
+from actors.webserve import serving
 from messages.errors import ErrorCode, JobError
 from messages.types import MAX_PART_URLS, PartUpload, UploadMode, UploadTarget
 from storage.s3 import Storage
@@ -326,15 +327,9 @@ async def slow_store() -> AsyncIterator[SlowStore]:
     store = SlowStore(latency=0.15)
     app = web.Application(client_max_size=0)
     app.router.add_route("*", "/{tail:.*}", store.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    store.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
+        store.url = f"http://127.0.0.1:{port}"
         yield store
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("parts_in_flight", [1, 2, 3])

@@ -4,16 +4,7 @@
 # Configuration is GGT_* environment variables at run time (actors/settings.py); nothing secret is baked in.
 # Deployment notes: docs/DEPLOY.md. Needs BuildKit (Docker's default builder since 23.0) for COPY --chmod.
 
-# The Deno binary alone (official image, scratch-based). yt-dlp solves YouTube's JavaScript challenges
-# with it; keep it near the version yt-dlp tests with (its `pin-deno` extra).
-FROM denoland/deno:bin-2.9.7 AS deno
-
-# ---------------------------------------------------------------------------------------------------
 FROM python:3.12.13-slim-trixie AS builder
-
-# yt-dlp follows YouTube's changes closely: bump this (or --build-arg it) rather than float it.
-# Its `default` extra pins the matching yt-dlp-ejs (the challenge solver scripts Deno runs).
-ARG YT_DLP_VERSION=2026.10.26
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -22,13 +13,20 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/ggt
 
 WORKDIR /src
+# The locked dependency set with its hashes (scripts/lock regenerates it; bump yt-dlp there,
+# with `scripts/lock --upgrade-package yt-dlp`): no moto, no test tools. It carries yt-dlp[default]
+# (yt-dlp-ejs, the JavaScript challenge solver) and Deno from PyPI (/opt/ggt/bin/deno, on PATH),
+# the same as a plain `pip install getgoodtape`.
+COPY requirements/runtime.txt requirements/runtime.txt
+RUN /opt/ggt/bin/pip install --no-cache-dir --require-hashes -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY actors/ actors/
 COPY bus/ bus/
 COPY messages/ messages/
 COPY storage/ storage/
-RUN /opt/ggt/bin/pip install --no-cache-dir . "yt-dlp[default]==${YT_DLP_VERSION}" \
-    && /opt/ggt/bin/python -c "import yt_dlp_ejs, actors.cli"
+RUN /opt/ggt/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/ggt/bin/python -c "import yt_dlp_ejs, actors.cli" \
+    && ! /opt/ggt/bin/python -c "import moto" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------------
 FROM python:3.12.13-slim-trixie AS runtime
@@ -44,7 +42,6 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates ffmpeg \
     && rm -rf /var/lib/apt/lists/*
 
-COPY --from=deno /deno /usr/local/bin/deno
 COPY --from=builder /opt/ggt /opt/ggt
 COPY --chmod=0755 docker/healthcheck.py /usr/local/bin/ggt-healthcheck
 

@@ -3,177 +3,63 @@
 The decisions live in ``actors.formats`` (which format, what the source is, which error code) and
 ``actors.planning`` (the plan and the limits); this module does the I/O around them.
 
-Every fetch goes through the SSRF guard. yt-dlp runs in a worker thread (the guard's proxy lives on
-the event loop) with one YoutubeDL per process, made and warmed up in ``setup`` (~1 s once: the
-first extraction would otherwise compile every extractor's URL pattern), so that each resolve of
-a direct link costs ~0.02 s of yt-dlp plus ~0.1 s of ffprobe. The YoutubeDL and its guard are shared, so
-extractions in one process take turns (a lock held by the extracting thread itself): YoutubeDL is
-not made for concurrent use, its cookie jar is emptied per job, and every refusal the shared guard
-records while the lock is held belongs to that job. ffprobe, which runs per job, gets a guard of
-its own. Throughput grows with converter processes, not with concurrency inside one.
+Every fetch goes through the SSRF guard; each job has guards of its own (one for yt-dlp, one for
+ffprobe), holding the job's deadline and byte budgets. yt-dlp runs in warm worker processes
+(``actors.guard.extract``), one job at a time each and one worker per message in flight, never on
+this event loop or in its threads: a page that drips or weighs hundreds of MB costs its own job's
+worker (killed at the deadline, then replaced), never another job's turn. Warm workers keep the
+cost of a resolve of a direct link at that of yt-dlp itself (~0.02 s) plus ~0.1 s of ffprobe.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
-import threading
-from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-import yt_dlp
-from yt_dlp import globals as ytdlp_globals
-from yt_dlp.extractor import gen_extractor_classes
-from yt_dlp.utils import YoutubeDLError, unified_timestamp
-
-from actors.formats import probe_target, source_info, with_probe, ytdlp_error
-from actors.guard import BlockedFetch, FetchGuard, check_url
+from actors.formats import probe_target, source_info, with_probe
+from actors.freshness import stamp_resolution
+from actors.guard import check_url
+from actors.guard.extract import ExtractorPool, extracted_info, ytdlp_params  # noqa: F401 (re-exported)
+from actors.guard.proxy import PAGE_BUDGET
+from actors.guard.urls import refuse_unfetchable
+from actors.levers import Levers
 from actors.planning import Limits, SourceInput, plan_media, validate_request
 from actors.probe import ProbeResult, ffprobe
 from actors.runtime import Actor, Context
 from messages.errors import ErrorCode, JobError
-from messages.types import ConvertRequested, MediaPlan, MediaResolved, ResolveMedia
-
-#: key of yt-dlp's fallback extractor that reads any web page (its "Unsupported URL" means "no media here")
-GENERIC_EXTRACTOR = "Generic"
-#: a URL no site extractor claims, for the warm-up (it is matched against patterns, never fetched)
-WARM_UP_URL = "https://warm-up.invalid/"
-#: an HTTP date, parsed once at warm-up
-WARM_UP_DATE = "Tue, 02 Jan 2024 03:04:05 GMT"
-#: yt-dlp's own pick is not used (``actors.formats`` chooses), so a spec that never needs merging:
-#: the default one would run ``ffmpeg -version`` (~0.2 s) to see whether merging is possible
-FORMAT_SPEC = "best/bestvideo/bestaudio"
-#: only the first entry of a playlist is ever extracted (the rest would cost a request each)
-PLAYLIST_ITEMS = "1"
-
-
-class _YtdlpLog:
-    """yt-dlp's logger interface, forwarded to ours (its errors are raised and reported, so they log at info)."""
-
-    def __init__(self, target: logging.Logger) -> None:
-        self._log = target
-
-    def debug(self, message: str) -> None:
-        self._log.debug("yt-dlp: %s", message)
-
-    def info(self, message: str) -> None:
-        self._log.debug("yt-dlp: %s", message)
-
-    def warning(self, message: str) -> None:
-        self._log.info("yt-dlp warning: %s", message)
-
-    def error(self, message: str) -> None:
-        self._log.info("yt-dlp error: %s", message)
-
-
-def ytdlp_params(*, proxy: Mapping[str, object], network_timeout: float, max_bytes: int,
-                 logger: object) -> dict[str, Any]:
-    """YoutubeDL params for resolving untrusted URLs: no config, cache, netrc, downloads or post-processing.
-
-    ``proxy`` is the guard's ``ytdlp_options()``. Config files are a CLI feature (the API reads none);
-    plugins are switched off separately (``disable_ytdlp_plugins``).
-    """
-    return {
-        "quiet": True,
-        "no_warnings": True,
-        "noprogress": True,
-        "logger": logger,
-        "skip_download": True,
-        "format": FORMAT_SPEC,
-        "noplaylist": True,  # a watch-URL inside a playlist means the video
-        "playlist_items": PLAYLIST_ITEMS,
-        "extract_flat": False,
-        "lazy_playlist": False,
-        "socket_timeout": network_timeout,
-        # applies to downloads only (we download nothing here); set so no code path ever exceeds it
-        "max_filesize": max_bytes,
-        "usenetrc": False,
-        "netrc_cmd": None,
-        "cachedir": False,
-        "cookiefile": None,
-        "cookiesfrombrowser": None,
-        "postprocessors": [],
-        "external_downloader": {},
-        "source_address": None,
-        "enable_file_urls": False,
-        "allow_unplayable_formats": False,
-        "check_formats": False,
-        **proxy,
-    }
-
-
-def disable_ytdlp_plugins() -> None:
-    """Keep yt-dlp from importing plugins (the API equivalent of ``--no-plugin-dirs``); call before any YoutubeDL.
-
-    yt-dlp loads plugins from its plugin directories the first time a YoutubeDL is made, unless the
-    plugin directory list is empty (``yt_dlp.globals.plugin_dirs``, checked in yt_dlp/plugins.py).
-    """
-    ytdlp_globals.plugin_dirs.value = []
-
-
-def blocked_error(blocked: list[BlockedFetch]) -> JobError | None:
-    """``url_not_allowed`` naming the first refused fetch, or None."""
-    if not blocked:
-        return None
-    first = blocked[0]
-    return JobError(ErrorCode.URL_NOT_ALLOWED, f"{first.host} resolves to {first.ip}: {first.reason}")
+from messages.types import ConvertRequested, MediaPlan, MediaResolved, ResolveMedia, Stage
 
 
 class Converter(Actor):
     """ResolveMedia → MediaResolved: resolves the URL, learns the source, checks the limits, plans."""
 
     name = "converter"
+    stage = Stage.PREPARING
     step = "resolve"
 
     async def setup(self) -> None:
-        """Start the shared guard and make the process's one YoutubeDL (plugins off)."""
-        self._stack = contextlib.AsyncExitStack()
-        self.guard = await self._stack.enter_async_context(
-            FetchGuard(allow=self.settings.allow_networks, idle_timeout=self.settings.network_timeout)
+        """Start the warm extraction workers: one per message in flight, so no job waits for another's page."""
+        self.levers = Levers.open(self.settings)
+        self.pool = ExtractorPool(
+            size=self.settings.prefetch or self.prefetch,
+            make_guard=lambda: self.levers.guard(idle_timeout=self.settings.network_timeout, page_budget=PAGE_BUDGET),
+            network_timeout=self.settings.network_timeout, max_bytes=self.settings.max_output_bytes,
+            levers=self.levers.worker_levers(),
         )
-        disable_ytdlp_plugins()
-        params = ytdlp_params(proxy=self.guard.ytdlp_options(), network_timeout=self.settings.network_timeout,
-                              max_bytes=self.settings.max_output_bytes, logger=_YtdlpLog(self.log))
         try:
-            self.ydl = yt_dlp.YoutubeDL(params)
+            await self.pool.__aenter__()
         except BaseException:
-            await self._stack.aclose()
+            self.levers.close()
             raise
-        self._ydl_lock = threading.Lock()
-        # jobs wait for their turn here, not in a worker thread: threads parked on _ydl_lock would
-        # fill the default executor that the guard's own name lookups (loop.getaddrinfo) need
-        self._extract_turn = asyncio.Lock()
-        # yt-dlp's own order (YoutubeDL tries them in it): the first suitable extractor handles a URL
-        self._extractors = gen_extractor_classes()
-        await asyncio.to_thread(self._warm_up)
-
-    def _warm_up(self) -> None:
-        """Pay yt-dlp's one-off costs now rather than in the first job: no network involved.
-
-        The first extraction tests a URL against every extractor's pattern, compiling ~1,900 regular
-        expressions (~0.8 s), imports the generic extractor's module and parses its first date.
-        """
-        self._extractor_for(WARM_UP_URL)
-        self.ydl.get_info_extractor(GENERIC_EXTRACTOR)
-        # the generic extractor dates a direct link by its Last-Modified header; the first parse
-        # compiles ~50 strptime patterns (~0.2 s)
-        unified_timestamp(WARM_UP_DATE)
 
     async def teardown(self) -> None:
-        """Stop the guard, then close the YoutubeDL once no extraction uses it."""
-        # the guard first: an extraction still running in a thread (its job was cancelled) then fails
-        # fast instead of waiting on a proxy that needs this loop
-        await self._stack.aclose()
-        await asyncio.to_thread(self._close_ydl)
-
-    def _close_ydl(self) -> None:
-        if self._ydl_lock.acquire(timeout=self.settings.network_timeout):
-            try:
-                self.ydl.close()
-            finally:
-                self._ydl_lock.release()
+        """Stop the workers (a running extraction's worker is killed and reaped)."""
+        try:
+            await self.pool.__aexit__(None, None, None)
+        finally:
+            self.levers.close()
 
     async def resolve(self, message: ResolveMedia, ctx: Context) -> None:
         """Resolve ``message.request.url`` and publish the plan (or raise a coded JobError)."""
@@ -186,9 +72,9 @@ class Converter(Actor):
         if error is not None:
             raise JobError(error.code, error.detail)
         url = request.url.strip()
-        check_url(url, allow=self.settings.allow_networks)
-        async with self._extract_turn:
-            info = await asyncio.to_thread(self._extract, url)
+        check_url(url, allow=self.settings.allow_networks, deny=self.settings.deny_networks)
+        info = await self._extract(url, deadline=asyncio.get_running_loop().time() + self.time_limit(request))
+        refuse_unfetchable(info)
         source = source_info(info, request)
         target = probe_target(source)
         if target is not None:
@@ -201,43 +87,25 @@ class Converter(Actor):
                 self.log.info("probe failed; planning without codec details", extra={"code": str(exc.code)})
             else:
                 source = with_probe(source, probe)
-        return plan_media(request=request, source=source, limits=Limits.from_settings(self.settings))
+        plan = plan_media(request=request, source=source, limits=Limits.from_settings(self.settings))
+        return stamp_resolution(plan, now=datetime.now(UTC))  # when its URLs were resolved, and expire
 
-    # --- yt-dlp, in a worker thread
+    # --- yt-dlp, in a worker process, through that worker's guard
 
-    def _extract(self, url: str) -> dict[str, Any]:
-        """yt-dlp's processed info for ``url``; raises coded JobErrors. Runs in a thread, one at a time."""
-        with self._ydl_lock:
-            # nothing else uses this guard while the lock is held: what it refuses now is this job's
-            self.guard.blocked.clear()
-            self.ydl.cookiejar.clear()  # a site's cookies from another job stay with that job
-            try:
-                info = self.ydl.extract_info(url, download=False, process=True)
-            except YoutubeDLError as exc:  # DownloadError wraps most; RequestError (file:// …) comes bare
-                text = str(exc)
-                by_generic = "unsupported url" in text.lower() and self._extractor_for(url) == GENERIC_EXTRACTOR
-                raise blocked_error(self.guard.blocked) or ytdlp_error(text, by_generic=by_generic) from None
-            blocked = blocked_error(self.guard.blocked)
-            if blocked is not None:
-                raise blocked
-            if not isinstance(info, dict):
-                raise JobError(ErrorCode.NO_MEDIA_FOUND, "yt-dlp returned nothing")
-            # plain data from here on: no LazyLists or callables cross into the planning core
-            return self.ydl.sanitize_info(info)
-
-    def _extractor_for(self, url: str) -> str:
-        """The key of the extractor yt-dlp picks for ``url``: the first suitable one (the generic one is last)."""
-        return next((ie.ie_key() for ie in self._extractors if ie.suitable(url)), "")
+    async def _extract(self, url: str, *, deadline: float) -> dict[str, Any]:
+        """yt-dlp's processed info for ``url`` (plain data); raises coded JobErrors, TIMEOUT at ``deadline``."""
+        return await extracted_info(self.pool, url, deadline=deadline)
 
     # --- ffprobe, through a guard of the job's own
 
     async def _probe(self, target: SourceInput) -> ProbeResult:
         """ffprobe ``target`` through the SSRF guard with the format's headers; raises coded JobErrors."""
         timeout = self.settings.network_timeout
-        async with FetchGuard(allow=self.settings.allow_networks, idle_timeout=timeout) as guard:
+        async with self.levers.guard(idle_timeout=timeout) as guard:
             try:
-                result = await ffprobe(target.url, timeout=timeout, headers=target.headers,
-                                       wrap_input=guard.input_args, env=guard.subprocess_env(os.environ))
+                result = await ffprobe(guard.gateway_url(target.url), timeout=timeout, headers=target.headers,
+                                       wrap_input=guard.input_args, env=guard.subprocess_env(os.environ),
+                                       memory_limit=self.settings.child_memory_limit)
             except JobError:
                 guard.raise_if_blocked()  # a refused fetch explains the failure best
                 raise

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from datetime import timedelta
+from typing import ClassVar
 
 import msgspec
 
 from actors import metrics
+from actors.freshness import refresh_problem
 from actors.guard import check_url
 from actors.jobs import (
     TERMINAL,
@@ -26,16 +27,19 @@ from actors.jobs import (
     may_advance,
     new_record,
     outbox_of,
+    owner_of,
+    store_owner,
     timings,
     utcnow,
 )
+from actors.parts import SINGLE_PUT_MAX_BYTES, plan_parts
 from actors.planning import progress_percent, validate_request
 from actors.runtime import Actor, Context
-from actors.streaming import READ_CHUNK, SINGLE_BUFFER, plan_parts
 from actors.wiring import storage_config
 from bus.base import Unroutable
-from messages.codec import decode, new_id
+from messages.codec import Envelope, decode, new_id, request_hints
 from messages.errors import Error, ErrorCode, JobError
+from messages.routing import reply_queue_allowed
 from messages.types import (
     Base,
     ConvertRequested,
@@ -55,34 +59,28 @@ from messages.types import (
     UploadTarget,
     Verified,
     VerifyObject,
+    type_name,
 )
 from storage import JobStore, Storage, StorageUnavailable, WriteConflict, object_key
+from storage.keys import download_filename
 
 log = logging.getLogger("getgoodtape.coordinator")
 
 #: extra validity of upload URLs beyond the job's time limit (queueing before the uploader starts)
 UPLOAD_URL_SLACK_S = 600
-#: outputs capped (ffmpeg -fs) at most this many bytes always fit the uploader's single-PUT buffer,
-#: so they get no multipart upload (a create + abort of nothing costs each small job three requests);
-#: one read chunk of margin covers ffmpeg finishing its last packet past -fs
-SINGLE_PUT_MAX_BYTES = SINGLE_BUFFER - READ_CHUNK
-#: characters kept of a title in the download filename
-FILENAME_CHARS = 120
-
-
-def download_filename(title: str, extension: str, job_id: str) -> str:
-    """A friendly, safe filename for the download: the title without path or control characters."""
-    clean = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", " ", title)
-    clean = re.sub(r"\s+", " ", clean).strip(" .")[:FILENAME_CHARS].strip()
-    return f"{clean or job_id}.{extension}"
-
-
 class Coordinator(Actor):
     """Owns every job: its record, its presigned URLs and its final event."""
 
     name = "coordinator"
     #: short storage calls; many jobs at once
     prefetch = 16
+    #: the stage a job is in while the coordinator handles each message, for announcing a retry
+    RETRY_STAGES: ClassVar[dict[type, Stage]] = {ConvertRequested: Stage.QUEUED, MediaResolved: Stage.PREPARING,
+                                                 Streamed: Stage.CONVERTING, Verified: Stage.VERIFYING}
+
+    def retry_stage(self, message: Base) -> Stage | None:
+        """The job's stage while ``message`` waits for a retry (a request that cannot be recorded yet: queued)."""
+        return self.RETRY_STAGES.get(type(message))
 
     async def setup(self) -> None:
         self._stack = contextlib.AsyncExitStack()
@@ -100,17 +98,23 @@ class Coordinator(Actor):
 
     # ------------------------------------------------------------------------------ the record
 
-    async def load(self, job_id: str) -> tuple[JobRecord, str] | None:
-        """The job's record and its ETag, or None."""
-        found = await self.jobs.load(job_id)
-        return (decode_record(found[0]), found[1]) if found else None
+    async def load(self, job_id: str, owner: str) -> tuple[JobRecord, str] | None:
+        """The owner's job record and its ETag, or None (also for another owner's record)."""
+        found = await self.jobs.load(job_id, owner=store_owner(owner))
+        if found is None:
+            return None
+        record = decode_record(found[0])
+        if record.owner != owner:  # the key says whose it is; the record must agree
+            log.warning("job record of another owner ignored", extra={"job_id": job_id})
+            return None
+        return record, found[1]
 
     async def _commit(self, record: JobRecord, etag: str | None, ctx: Context, commands: list[Base]) -> None:
         """Save the transition, then publish its commands (kept in the outbox for redeliveries)."""
         record.trigger = ctx.envelope.message_id
         record.outbox = outbox_of([(c, new_id()) for c in commands])
         try:
-            await self.jobs.save(record.job_id, encode_record(record), etag=etag)
+            await self.jobs.save(record.job_id, encode_record(record), etag=etag, owner=store_owner(record.owner))
         except WriteConflict as exc:
             raise JobError(ErrorCode.INTERNAL, "job record changed concurrently; retrying", retryable=True) from exc
         except StorageUnavailable as exc:
@@ -122,7 +126,8 @@ class Coordinator(Actor):
             message = decode(entry.body, type_name_hint=entry.type)
             from messages.codec import envelope_for
 
-            await self.bus.publish(message, envelope=envelope_for(message, message_id=entry.message_id))
+            await self.bus.publish(message, envelope=envelope_for(message, message_id=entry.message_id),
+                                   owner=record.owner)
         if record.stage in TERMINAL:
             await self._announce(record)
 
@@ -136,28 +141,45 @@ class Coordinator(Actor):
 
     async def _progress(self, record: JobRecord, stage: Stage, fraction: float, detail: str = "") -> None:
         percent = progress_percent(stage, fraction)
-        await self.bus.publish(JobProgress(job_id=record.job_id, stage=stage, percent=percent, detail=detail))
+        await self.bus.publish(JobProgress(job_id=record.job_id, stage=stage, percent=percent, detail=detail),
+                               owner=record.owner)
 
     async def _announce(self, record: JobRecord) -> None:
         """Publish the final event on ggt.events, and to the requester's reply-to queue."""
         final = final_event(record)
         if final is None:
             return
-        await self.bus.publish(final)
-        if record.reply_to:
-            try:
-                await self.bus.reply(record.reply_to, final)
-            except Unroutable:  # the requester's queue is gone: ggt.events still has the event
-                log.warning("reply-to queue does not exist; final event only on ggt.events",
-                            extra={"reply_to": record.reply_to})
+        await self.bus.publish(final, owner=record.owner)
+        await self._reply(record.owner, record.reply_to, final)
+
+    async def _reply(self, owner: str, queue: str | None, final: Base) -> None:
+        """Send a final event to the requester's ``reply_to`` too — only to a queue of its owner's
+        (``reply_queue_allowed``): the service may write every queue, a tenant may not aim it at another's."""
+        if not queue:
+            return
+        if not reply_queue_allowed(owner, queue):
+            log.warning("reply-to queue outside its owner's namespace refused; final event only on ggt.events",
+                        extra={"reply_to": queue})
+            return
+        try:
+            await self.bus.reply(queue, final, owner=owner)
+        except Unroutable:  # the requester's queue is gone: ggt.events still has the event
+            log.warning("reply-to queue does not exist; final event only on ggt.events", extra={"reply_to": queue})
 
     # ---------------------------------------------------------------------------- the handlers
 
     async def convert(self, message: ConvertRequested, ctx: Context) -> None:
         """A new request: validate, create the job (or recognise a duplicate), ask for a plan."""
-        job_id = job_id_for(message, message_id=ctx.envelope.message_id)
+        owner = owner_of(ctx.envelope.owner)
+        job_id = job_id_for(message, message_id=ctx.envelope.message_id, owner=owner)
         reply_to = message.reply_to or ctx.reply_to
-        found = await self._record_for(job_id, quiet=True)
+        reply_error = None
+        if reply_to is not None and not reply_queue_allowed(owner, reply_to):
+            reply_error = Error.of(ErrorCode.INVALID_REQUEST, f"reply_to: not a queue of tenant {owner} "
+                                   f"(integrator.{owner}.…)")
+            reply_to = None  # the answer goes to the owner's events only
+        # only this owner's records are looked at: another tenant's job of the same id is not a duplicate
+        found = await self._record_for(job_id, owner, quiet=True)
         if found is not None:
             record, _ = found
             if await self._redelivered(record, ctx):
@@ -167,8 +189,8 @@ class Coordinator(Actor):
                 await self._announce(msgspec.structs.replace(record, reply_to=reply_to))
             return
         now = utcnow()
-        record = new_record(job_id, message, now=now, reply_to=reply_to)
-        error = validate_request(message, max_duration=self.settings.max_duration)
+        record = new_record(job_id, message, now=now, reply_to=reply_to, owner=owner)
+        error = reply_error or validate_request(message, max_duration=self.settings.max_duration)
         if error is None:
             try:
                 check_url(message.url, allow=self.settings.allow_networks)
@@ -203,6 +225,12 @@ class Coordinator(Actor):
         record, etag = found
         if record.plan is None or message.key != record.key:
             raise JobError(ErrorCode.UPLOAD_FAILED, f"renewal for {message.key}, but the job stores {record.key}")
+        if message.plan is not None:  # the uploader re-resolved the inputs: only their URLs may change
+            problem = refresh_problem(record.plan, message.plan)
+            if problem:
+                raise JobError(ErrorCode.INTERNAL, f"renewal with a re-resolved plan refused: {problem}",
+                               retryable=False)
+            record.plan = message.plan
         if record.stage == Stage.FAILED:
             record.revivals += 1
         old = record.target.multipart if record.target is not None else None
@@ -246,7 +274,9 @@ class Coordinator(Actor):
         enter(record, Stage.VERIFYING, now=utcnow(), percent=progress_percent(Stage.VERIFYING, 0))
         plan = record.plan
         command = VerifyObject(job_id=record.job_id, key=record.key, size=message.size, etag=message.etag,
-                               content_type=plan.content_type, format=plan.format, duration=plan.duration,
+                               content_type=plan.content_type, format=plan.format,
+                               # an unknown source duration (0): what ffmpeg reported producing
+                               duration=plan.duration or message.duration,
                                expect_codecs=plan.expect_codecs)
         await self._commit(record, etag, ctx, [command])
         await self._progress(record, Stage.VERIFYING, 0.0, "verifying the stored file")
@@ -258,8 +288,8 @@ class Coordinator(Actor):
             return
         record, etag = found
         if not message.ok:
-            await self._fail(record, etag, ctx, Error.of(ErrorCode.VERIFICATION_FAILED, "; ".join(message.problems)),
-                             clean_up=True)
+            failed = JobError(ErrorCode.VERIFICATION_FAILED, "; ".join(message.problems), retryable=message.retryable)
+            await self._fail(record, etag, ctx, failed.to_error(), clean_up=True)
             return
         assert record.plan is not None and record.streamed is not None
         now = utcnow()
@@ -283,12 +313,12 @@ class Coordinator(Actor):
 
     async def step_failed(self, message: StepFailed, ctx: Context) -> None:
         """A step failed: clean up and fail the job (announced even for a job never recorded)."""
-        found = await self._record_for(message.job_id)
+        owner = owner_of(ctx.envelope.owner)
+        found = await self._record_for(message.job_id, owner)
         if found is None:
             final = JobFailed(job_id=message.job_id, error=message.error, stage=Stage.PREPARING)
-            await self.bus.publish(final)
-            if ctx.reply_to:
-                await self.bus.reply(ctx.reply_to, final)
+            await self.bus.publish(final, owner=owner)
+            await self._reply(owner, ctx.reply_to, final)
             return
         record, etag = found
         if await self._redelivered(record, ctx) or record.stage in TERMINAL:
@@ -301,29 +331,39 @@ class Coordinator(Actor):
 
     async def on_failure(self, message: Base | None, error: Error, ctx: Context) -> None:
         """The coordinator's own step failed: fail the job directly (no StepFailed to itself)."""
+        owner = owner_of(ctx.envelope.owner)
         job_id = getattr(message, "job_id", None) or ctx.envelope.job_id
         if isinstance(message, ConvertRequested):
-            job_id = job_id_for(message, message_id=ctx.envelope.message_id)
+            job_id = job_id_for(message, message_id=ctx.envelope.message_id, owner=owner)
         if not job_id:
             return
-        found = await self._record_for(job_id)
+        found = await self._record_for(job_id, owner)
         if found is None:
             final = JobFailed(job_id=job_id, error=error, stage=Stage.PREPARING)
-            await self.bus.publish(final)
-            reply_to = getattr(message, "reply_to", None) or ctx.reply_to
-            if reply_to:
-                await self.bus.reply(reply_to, final)
+            await self.bus.publish(final, owner=owner)
+            await self._reply(owner, getattr(message, "reply_to", None) or ctx.reply_to, final)
             return
         record, etag = found
         if record.stage not in TERMINAL:
             await self._fail(record, etag, ctx, error)
+
+    async def on_undecodable(self, body: bytes, envelope: Envelope, error: Error, ctx: Context) -> None:
+        """A request that cannot become a job is still answered: when it names a job id that has no
+        record, JobFailed (invalid_request, naming the field) goes to that job's events and reply-to."""
+        hints = request_hints(body) if envelope.type == type_name(ConvertRequested) else None
+        if hints is None or await self._record_for(hints.job_id, owner_of(ctx.owner), quiet=True) is not None:
+            return  # an existing job is never touched by a message that proves nothing
+        final = JobFailed(job_id=hints.job_id, error=Error.of(ErrorCode.INVALID_REQUEST, error.detail),
+                          stage=Stage.PREPARING)
+        await self.bus.publish(final, owner=ctx.owner)
+        await self._reply(owner_of(ctx.owner), hints.reply_to or ctx.reply_to, final)
 
     # ------------------------------------------------------------------------------- helpers
 
     async def _advancing(self, job_id: str, expected: Stage, ctx: Context) -> tuple[JobRecord, str] | None:
         """The record and ETag when this step result may move the job on from ``expected``; None for
         an unknown job, a duplicate, or a redelivered trigger (whose commands are republished)."""
-        found = await self._record_for(job_id)
+        found = await self._record_for(job_id, owner_of(ctx.envelope.owner))
         if found is None:
             return None
         record, _ = found
@@ -332,9 +372,9 @@ class Coordinator(Actor):
             return None
         return found
 
-    async def _record_for(self, job_id: str, *, quiet: bool = False) -> tuple[JobRecord, str] | None:
+    async def _record_for(self, job_id: str, owner: str, *, quiet: bool = False) -> tuple[JobRecord, str] | None:
         try:
-            found = await self.load(job_id)
+            found = await self.load(job_id, owner)
         except StorageUnavailable as exc:
             raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
         if found is None and not quiet:

@@ -16,10 +16,12 @@ import fcntl
 import logging
 import os
 import re
+import resource
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
 
+from actors.guard.children import child_env
 from actors.planning import parse_progress_block
 from messages.errors import ErrorCode, JobError
 
@@ -99,7 +101,7 @@ def _tail_detail(lines: Sequence[str], *, keep: int = 10) -> str:
     return " | ".join(line for line in list(lines)[-keep:] if line) or "(no stderr output)"
 
 
-class _LineTail:
+class LineTail:
     """The last N non-progress stderr lines, plus progress blocks handed to a callback."""
 
     def __init__(self, *, on_block: Callable[[list[str]], None] | None) -> None:
@@ -127,7 +129,8 @@ class FfmpegProcess:
 
     ``async with FfmpegProcess(argv) as ff:`` read ``ff.stdout``, then ``await ff.check(size=n)``.
     Leaving the block by any path kills the group (SIGTERM, SIGKILL after ``kill_grace``) and reaps
-    it; ``time_limit`` bounds the whole block and turns expiry into JobError(TIMEOUT).
+    it; ``time_limit`` bounds the whole block and turns expiry into JobError(TIMEOUT). ``memory_limit``
+    caps ffmpeg's address space (not the feeder's); ``pass_fds`` are descriptors ffmpeg inherits.
     """
 
     def __init__(
@@ -140,20 +143,25 @@ class FfmpegProcess:
         on_progress: Callable[[float], None] | None = None,
         kill_grace: float = KILL_GRACE,
         env: dict[str, str] | None = None,
+        memory_limit: int = 0,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self._argv = list(argv)
+        self._memory_limit = memory_limit
+        self._pass_fds = tuple(pass_fds)
         self._feeder_argv = list(feeder_argv) if feeder_argv else None
         self._max_bytes = max_bytes
         self._time_limit = time_limit
         self._on_progress = on_progress
         self._kill_grace = kill_grace
-        self._env = env
+        # never the actor's own environment: without one given, the allow-listed one (no proxy)
+        self._env = env if env is not None else child_env(os.environ)
         self._proc: asyncio.subprocess.Process | None = None
         self._feeder: asyncio.subprocess.Process | None = None
         self._stdout_transport: asyncio.ReadTransport | None = None
         self._readers: list[asyncio.Task[None]] = []
-        self._tail = _LineTail(on_block=self._progress_block)
-        self._feeder_tail = _LineTail(on_block=None)
+        self._tail = LineTail(on_block=self._progress_block)
+        self._feeder_tail = LineTail(on_block=None)
         self._feeder_failed_early = False
         self._deadline: asyncio.Timeout | None = None
         self.stdout: asyncio.StreamReader = asyncio.StreamReader(limit=STDOUT_LIMIT)
@@ -252,7 +260,8 @@ class FfmpegProcess:
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own group: killpg reaches anything ffmpeg starts
                 env=self._env,
-                preexec_fn=die_with_parent,
+                preexec_fn=child_preexec(memory_limit=self._memory_limit),
+                pass_fds=self._pass_fds,
             )
             self.pgid = self._proc.pid
             if self._feeder_argv:
@@ -327,7 +336,7 @@ class FfmpegProcess:
             self._on_progress(out_time)
 
 
-async def _read_lines(stream: asyncio.StreamReader, tail: _LineTail) -> None:
+async def _read_lines(stream: asyncio.StreamReader, tail: LineTail) -> None:
     """Feed every stderr line to ``tail`` until EOF (lines over the reader's limit are cut)."""
     while True:
         try:
@@ -342,7 +351,7 @@ async def _read_lines(stream: asyncio.StreamReader, tail: _LineTail) -> None:
         _feed_raw(raw, tail)
 
 
-def _feed_raw(raw: bytes, tail: _LineTail) -> None:
+def _feed_raw(raw: bytes, tail: LineTail) -> None:
     for piece in raw.decode("utf-8", "replace").replace("\r", "\n").split("\n"):
         tail.feed(piece)
 
@@ -367,6 +376,21 @@ def die_with_parent() -> None:
     so a killed uploader leaves no ffmpeg or yt-dlp behind writing into a dead upload."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_preexec(*, memory_limit: int = 0) -> Callable[[], None]:
+    """What an ffmpeg/ffprobe child runs before exec: ``die_with_parent``, and with ``memory_limit`` > 0
+    an address-space cap (RLIMIT_AS), so a decompression bomb fails its allocation instead of
+    taking the machine's memory. The process-group handling is untouched (it is set up before)."""
+
+    def preexec() -> None:
+        die_with_parent()
+        if memory_limit > 0:
+            _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+            limit = memory_limit if hard == resource.RLIM_INFINITY else min(memory_limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+    return preexec
 
 
 def _grow_pipe(fd: int) -> None:

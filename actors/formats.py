@@ -23,7 +23,7 @@ import msgspec
 from actors.planning import CODECS, SourceInfo, SourceInput, codec_name, max_height, resolved_quality
 from actors.probe import ProbeResult
 from messages.errors import ErrorCode, JobError
-from messages.types import ConvertRequested, Format, InputVia, Quality
+from messages.types import HTTP_SCHEMES, MAX_RANGE_CHUNK, MIN_RANGE_CHUNK, ConvertRequested, Format, InputVia, Quality
 
 #: yt-dlp protocols ffmpeg reads by itself; every other one (DASH, ISM, F4M, RTMP …) goes through a yt-dlp pipe
 FFMPEG_PROTOCOLS = frozenset({"http", "https", "m3u8", "m3u8_native"})
@@ -32,8 +32,6 @@ LIVE_STATUSES = frozenset({"is_live", "is_upcoming", "post_live"})
 #: attribute names inside yt-dlp's ``cookies`` string; everything else there is a ``name=value`` cookie
 COOKIE_ATTRIBUTES = frozenset({"domain", "path", "secure", "expires", "version", "max-age", "httponly",
                                "samesite", "comment", "discard", "port"})
-#: audio codec that goes into each video container unchanged (ffprobe names)
-FITTING_AUDIO: dict[Format, str] = {Format.MP4: "aac", Format.WEBM: "opus"}
 
 Info = Mapping[str, Any]
 
@@ -49,7 +47,8 @@ class Chosen(NamedTuple):
 
 
 def has_stream(fmt: Info, key: str) -> bool | None:
-    """Whether format ``fmt`` has the stream named by ``key`` (``acodec``/``vcodec``): True, False, or None if unknown."""
+    """Whether format ``fmt`` has the stream named by ``key`` (``acodec``/``vcodec``): True, False, or None
+    if unknown."""
     value = fmt.get(key)
     if value is None:
         return None
@@ -79,6 +78,16 @@ def protocol_of(fmt: Info) -> str:
 def input_via(protocol: str) -> InputVia:
     """How ffmpeg reads a format of ``protocol``: http(s) and HLS itself, anything else from a yt-dlp pipe."""
     return InputVia.FFMPEG if protocol in FFMPEG_PROTOCOLS else InputVia.YTDLP_PIPE
+
+
+def range_chunk_of(fmt: Info) -> int:
+    """The Range size yt-dlp's format asks for (``downloader_options.http_chunk_size``, e.g. YouTube's
+    10 MiB for its https formats), within MIN_RANGE_CHUNK..MAX_RANGE_CHUNK; 0 when it asks none."""
+    options = fmt.get("downloader_options")
+    size = options.get("http_chunk_size") if isinstance(options, Mapping) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return 0
+    return max(MIN_RANGE_CHUNK, min(MAX_RANGE_CHUNK, size))
 
 
 def cookie_header(cookies: str | None) -> str:
@@ -112,7 +121,7 @@ def best_thumbnail(info: Info) -> str | None:
     candidates = [t.get("url") for t in info.get("thumbnails") or [] if isinstance(t, Mapping)]
     candidates.append(info.get("thumbnail"))
     for url in reversed([c for c in candidates if c]):
-        if urlsplit(str(url)).scheme.lower() in ("http", "https"):
+        if urlsplit(str(url)).scheme.lower() in HTTP_SCHEMES:
             return str(url)
     return None
 
@@ -217,7 +226,7 @@ def select_formats(formats: Sequence[Info], *, fmt: Format, quality: Quality) ->
     rank_video = lambda f, i: _video_rank(f, i, limit=limit, codec=codecs.video)  # noqa: E731
     video = _best(video_only, rank_video)
     both = _best(combined, rank_video)
-    audio = _best(audio_only, lambda f, i: _audio_rank(f, i, prefer_codec={FITTING_AUDIO[fmt]}))
+    audio = _best(audio_only, lambda f, i: _audio_rank(f, i, prefer_codec={CODECS[fmt].audio}))
     if video is not None and audio is not None and (both is None or video[0][:3] >= both[0][:3]):
         chosen = [Chosen(video[1], "video"), Chosen(audio[1], "audio")]
     elif both is not None:
@@ -239,9 +248,12 @@ def _input(chosen: Chosen, *, page_url: str) -> SourceInput:
     via = input_via(protocol)
     # a piped input is fetched by yt-dlp again, from the page; ffmpeg reads it from stdin
     url = str(chosen.format["url"]) if via is InputVia.FFMPEG else page_url
-    format_id = str(chosen.format.get("format_id") or "") if via is InputVia.YTDLP_PIPE else ""
+    # an ffmpeg input keeps its format id too: a re-resolution of the page finds the same format by it
+    format_id = str(chosen.format.get("format_id") or "")
+    # the site's hint for throttled origins: fetch in Range requests of this size (plain http(s) only)
+    range_chunk = range_chunk_of(chosen.format) if via is InputVia.FFMPEG and protocol in ("http", "https") else 0
     return SourceInput(url=url, headers=request_headers(chosen.format), kind=chosen.kind, via=via, protocol=protocol,
-                       format_id=format_id)
+                       format_id=format_id, range_chunk=range_chunk)
 
 
 def _inputs(chosen: list[Chosen], *, page_url: str) -> list[SourceInput]:
@@ -378,18 +390,27 @@ _ERROR_RULES: tuple[tuple[tuple[str, ...], ErrorCode, bool], ...] = (
     (("file:// urls are disabled", "no suitable extractor"), ErrorCode.UNSUPPORTED_URL, False),
     (("live event will begin", "live event is scheduled", "live event has not yet started", "premieres in",
       "premiere will begin"), ErrorCode.LIVE_NOT_SUPPORTED, False),
-    # passing trouble first: a rate-limit message may also say "unavailable"
+    # a bot check first: YouTube's text starts "Sign in to confirm you're not a bot", which must not
+    # read as "sign in" (login_required); its fix is cookies or a PO token, not a retry
+    (("not a bot", "captcha"), ErrorCode.BOT_CHECK, False),
+    (("http error 429", "too many requests", "rate-limited", "rate limit", "try again later"),
+     ErrorCode.RATE_LIMITED, True),
+    # passing trouble: a refused or dropped connection may work on a later try
     (("timed out", "timeout", "connection refused", "connection reset", "temporary failure in name resolution",
       "name or service not known", "nodename nor servname", "network is unreachable", "unable to connect",
       "remote end closed", "incompleteread", "incomplete read", "a network error has occurred",
-      "http error 429", "http error 5", "not a bot", "captcha", "rate-limit", "rate limit", "try again later",
-      "tunnel connection failed"),
+      "http error 5", "tunnel connection failed"),
      ErrorCode.MEDIA_UNAVAILABLE, True),
-    (("http error 404", "http error 410", "http error 401", "http error 403", "not currently live", "is offline",
-      "video unavailable", "private video", "this video is private", "has been removed", "been terminated", "no longer available", "not available in your country",
-      "geo restricted", "geo-restricted", "members-only", "sign in to confirm your age",
-      "copyright", "this video does not exist"),
-     ErrorCode.MEDIA_UNAVAILABLE, False),
+    (("members-only", "members only", "channel's members", "join this channel"), ErrorCode.MEMBERS_ONLY, False),
+    (("confirm your age", "age-restricted", "age restricted", "inappropriate for some users"),
+     ErrorCode.AGE_RESTRICTED, False),
+    (("not available in your country", "not made this video available in your country", "geo restriction",
+      "geo restricted", "geo-restricted", "not available from your location"), ErrorCode.GEO_BLOCKED, False),
+    (("private video", "this video is private", "sign in", "registered users", "login details are needed",
+      "login required", "http error 401"), ErrorCode.LOGIN_REQUIRED, False),
+    (("http error 404", "http error 410", "has been removed", "been terminated", "no longer available",
+      "this video does not exist", "copyright"), ErrorCode.MEDIA_REMOVED, False),
+    (("http error 403", "not currently live", "is offline", "video unavailable"), ErrorCode.MEDIA_UNAVAILABLE, False),
     (("no video formats found", "requested format is not available", "drm protected",
       "no media found", "no formats"), ErrorCode.NO_MEDIA_FOUND, False),
 )
@@ -399,10 +420,12 @@ def ytdlp_error(message: str, *, by_generic: bool) -> JobError:
     """The coded error for a yt-dlp failure ``message`` (a DownloadError's text).
 
     "Unsupported URL" from the generic extractor (``by_generic``) means it fetched the page and found
-    no media: ``no_media_found``; from a site's extractor it is ``unsupported_url``. Not found, gone,
-    private, geo-blocked → ``media_unavailable`` (permanent); timeouts, refused connections, 429 and
-    5xx → ``media_unavailable`` (retryable); upcoming or on-air → ``live_not_supported``. Anything else
-    is ``media_unavailable``, retryable (sites change; yt-dlp often copes on a later try).
+    no media: ``no_media_found``; from a site's extractor it is ``unsupported_url``. Access failures get
+    the code of what the user (or operator) can do about them: ``bot_check``, ``rate_limited`` (429,
+    retryable), ``members_only``, ``age_restricted``, ``geo_blocked``, ``login_required`` (private),
+    ``media_removed`` (404/410, deleted); timeouts, refused connections and 5xx → ``media_unavailable``
+    (retryable); upcoming or on-air → ``live_not_supported``. Anything else is ``media_unavailable``,
+    retryable (sites change; yt-dlp often copes on a later try).
     """
     detail = message.removeprefix("ERROR: ").strip()
     lowered = detail.lower()

@@ -1,7 +1,9 @@
 """The job record and the pure decisions about it: job ids, which step a message may advance, timings.
 
-The coordinator keeps one JobRecord per job as JSON under ``jobs/<job id>.json`` in the bucket
-(storage.JobStore), so replicas share it and it survives restarts. Every transition is saved
+The coordinator keeps one JobRecord per job as JSON under ``jobs/<owner>/<job id>.json`` in the
+bucket (storage.JobStore; ``jobs/<job id>.json`` for the default tenant), so replicas share it and
+it survives restarts. A job is named by its owner (tenant) and its job id together: the same id
+from two tenants is two jobs, and nobody reads a record under another tenant's prefix. Every transition is saved
 (optimistic concurrency on the record's ETag) *before* its outgoing commands are published; the
 commands are kept in the record's outbox with their message ids, so a redelivered trigger
 republishes exactly the same commands instead of redoing the step.
@@ -16,7 +18,9 @@ from datetime import UTC, datetime
 import msgspec
 
 from messages.errors import Error, ErrorCode
+from messages.routing import DEFAULT_TENANT
 from messages.types import (
+    STAGE_ORDER,
     Base,
     ConvertRequested,
     JobCompleted,
@@ -31,7 +35,7 @@ from messages.types import (
 JOB_ID_NAMESPACE = uuid.UUID("6f1c4e1e-8f0b-4c7e-9d43-6b2f3b7a9c10")
 
 #: stages in the order a job passes them
-ORDER = (Stage.QUEUED, Stage.PREPARING, Stage.CONVERTING, Stage.VERIFYING, Stage.FINISHING, Stage.COMPLETED)
+ORDER = STAGE_ORDER
 TERMINAL = (Stage.COMPLETED, Stage.FAILED)
 
 
@@ -49,6 +53,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     job_id: str
     request: ConvertRequested
     stage: Stage
+    #: the tenant that owns the job (records written before tenants belong to the default one)
+    owner: str = DEFAULT_TENANT
     created_at: datetime
     updated_at: datetime
     reply_to: str | None = None
@@ -84,21 +90,35 @@ def decode_record(data: bytes) -> JobRecord:
     return _decoder.decode(data)
 
 
-def job_id_for(request: ConvertRequested, *, message_id: str) -> str:
-    """The job a request belongs to: its own job id, else one derived from its idempotency key,
-    else one derived from the message id (so a redelivered request is the same job)."""
+def job_id_for(request: ConvertRequested, *, message_id: str, owner: str = DEFAULT_TENANT) -> str:
+    """The job a request belongs to within its owner: its own job id, else one derived from the
+    owner and its idempotency key, else one derived from the message id (so a redelivered request
+    is the same job). The default tenant derives ids as before tenants existed."""
     if request.job_id:
         return request.job_id
+    scope = "" if owner == DEFAULT_TENANT else f"owner:{owner}:"
     if request.idempotency_key:
-        return uuid.uuid5(JOB_ID_NAMESPACE, "key:" + request.idempotency_key).hex
-    return uuid.uuid5(JOB_ID_NAMESPACE, "msg:" + message_id).hex
+        return uuid.uuid5(JOB_ID_NAMESPACE, scope + "key:" + request.idempotency_key).hex
+    return uuid.uuid5(JOB_ID_NAMESPACE, scope + "msg:" + message_id).hex
 
 
-def new_record(job_id: str, request: ConvertRequested, *, now: datetime, reply_to: str | None) -> JobRecord:
+def store_owner(owner: str) -> str:
+    """The owner segment of a record's key: none for the default tenant (its records keep their
+    pre-tenant keys ``jobs/<job id>.json``)."""
+    return "" if owner in ("", DEFAULT_TENANT) else owner
+
+
+def owner_of(envelope_owner: str) -> str:
+    """The tenant a message acts for: its ``ggt-owner`` header, else the default tenant."""
+    return envelope_owner or DEFAULT_TENANT
+
+
+def new_record(job_id: str, request: ConvertRequested, *, now: datetime, reply_to: str | None,
+               owner: str = DEFAULT_TENANT) -> JobRecord:
     """A fresh record for a request just accepted."""
     return JobRecord(job_id=job_id, request=request, stage=Stage.PREPARING, created_at=now, updated_at=now,
                      reply_to=reply_to, stage_started={Stage.PREPARING.value: now},
-                     key_nonce=secrets.token_hex(8))
+                     key_nonce=secrets.token_hex(8), owner=owner)
 
 
 def may_advance(record: JobRecord, *, expected: Stage, replayed: bool) -> bool:

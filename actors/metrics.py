@@ -76,6 +76,9 @@ RETRIED = Counter("ggt_messages_retried", "Messages sent through a retry tier.",
                   registry=REGISTRY)
 DEAD_LETTERED = Counter("ggt_messages_dead_lettered", "Messages dead-lettered.", ["actor", "code"],
                         registry=REGISTRY)
+UNAUTHENTICATED = Counter("ggt_messages_unauthenticated",
+                          "Internal commands dead-lettered unread because their MAC was missing or wrong.",
+                          ["actor"], registry=REGISTRY)
 HTTP_REQUESTS = Counter("ggt_http_requests", "Requests the gateway answered, by method, route and status.",
                         ["method", "route", "status"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("ggt_queue_depth", "Messages waiting in a work or dead-letter queue (at the last scrape).",

@@ -16,9 +16,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from actors.ffmpeg import die_with_parent
-from actors.planning import HLS_PROTOCOLS, header_block
+from actors.ffmpeg import child_preexec
+from actors.guard.children import child_env
+from actors.planning import HLS_PROTOCOLS, MAX_VIDEO_PIXELS, header_block
 from messages.errors import ErrorCode, JobError
+from messages.types import HTTP_SCHEMES
 
 #: protocols for a local path (tests, tools); user URLs never get ``file``
 LOCAL_PROTOCOLS = "file,pipe"
@@ -164,8 +166,10 @@ def probe_argv(
     if count_packets:
         # reads every packet: the only duration a piped FLAC/WebM has
         argv += ["-show_entries", "packet=pts_time,duration_time"]
-    if scheme in ("http", "https"):
-        input_args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000))]
+    if scheme in HTTP_SCHEMES:
+        input_args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000)),
+                      # probing decodes a frame or two: a huge one fails instead of allocating gigabytes
+                      "-max_pixels", str(MAX_VIDEO_PIXELS)]
         if count_packets:
             # front to back in one request: otherwise ffprobe seeks to every fragment of a fragmented
             # MP4, one HTTP GET each (152 for a 5-minute video)
@@ -200,11 +204,13 @@ async def ffprobe(
     count_packets: bool = False,
     wrap_input: Callable[[list[str]], list[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    memory_limit: int = 0,
 ) -> ProbeResult:
     """Probe ``url_or_path``; raises JobError (no_media_found, media_unavailable) on failure or timeout.
 
     A result with no audio or video stream also raises no_media_found. ``wrap_input`` and ``env``
-    route the fetch through the SSRF guard (``guard.input_args``, ``guard.subprocess_env``).
+    route the fetch through the SSRF guard (``guard.input_args``, ``guard.subprocess_env``);
+    ``memory_limit`` caps ffprobe's address space (RLIMIT_AS, ``GGT_CHILD_MEMORY_LIMIT``).
     """
     argv = probe_argv(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets,
                       wrap_input=wrap_input)
@@ -213,9 +219,9 @@ async def ffprobe(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=dict(env) if env is not None else None,
+        env=dict(env) if env is not None else child_env(os.environ),  # never the actor's own
         start_new_session=True,  # its own process group, so a kill takes any helper with it
-        preexec_fn=die_with_parent,
+        preexec_fn=child_preexec(memory_limit=memory_limit),
     )
     try:
         async with asyncio.timeout(timeout):

@@ -7,15 +7,13 @@ An actor binds handlers to message types by annotation::
 
         async def verify(self, message: VerifyObject, ctx: Context) -> None: ...
 
-A Worker consumes the actor's queue and, for each delivery, decodes it (undecodable → dead letter
-at once), runs the handler under the actor's time limit and settles the delivery by policy:
-
-- success → ack;
-- JobError that is not retryable, or the time limit → the job's failure is reported, ack;
-- retryable JobError or a transient error → a delayed retry, and after the last attempt a dead
-  letter with diagnostics plus the job's failure;
-- any other exception → treated as transient with code ``internal``;
-- shutdown (cancellation) → release: the message is redelivered, never dead-lettered.
+A Worker consumes the actor's queue and, for each delivery, checks the bus vouches for it (an
+internal command without a valid MAC → dead letter at once, unread), decodes it (undecodable → dead
+letter at once, no job touched; ``Actor.on_undecodable`` may still answer the sender), runs the
+handler under the actor's time limit and settles the delivery. What to do is decided by the pure
+functions of ``actors/settle.py`` (ack | retry(delay) | dead letter | release, and which code an
+exception means); the Worker applies the answer in one place (``Worker._apply``), which also
+records the message's one outcome metric.
 """
 
 from __future__ import annotations
@@ -29,30 +27,33 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-import aiohttp
-
 from actors import metrics
 from actors.logs import actor_var, job_id_var, message_id_var
 from actors.settings import Settings
-from bus.base import Bus, BusError, Delivery, retry_delay
+from actors.settle import (
+    Ack,
+    Cancelled,
+    DeadLetter,
+    Limits,
+    Release,
+    Retry,
+    Settlement,
+    classify,
+    refusal,
+    settle,
+    unauthenticated,
+    undecodable,
+    unreported,
+)
+from bus.base import Bus, Delivery
 from messages.codec import H_REPLAYS, DecodeError, Envelope, decode
 from messages.errors import Error, ErrorCode, JobError
-from messages.types import Base, StepFailed
+from messages.types import Base, Stage, StepFailed
 
 log = logging.getLogger("getgoodtape.runtime")
 
 #: message ids remembered per process to drop a redelivered duplicate of finished work
 DEDUPE_MEMORY = 10_000
-
-#: exceptions that say "the world is briefly unavailable", worth a delayed retry
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    BusError,
-    aiohttp.ClientError,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
-
 
 class Context:
     """What a handler gets besides its message: the envelope, the bus and the settings."""
@@ -74,11 +75,16 @@ class Context:
         """The queue the original requester asked the final event to be sent to."""
         return self.delivery.reply_to
 
+    @property
+    def owner(self) -> str:
+        """The tenant owning the handled message's job ("" when it names none)."""
+        return self.envelope.owner
+
     async def publish(self, message: Base, *, reply_to: str | None = None) -> None:
-        """Publish a command or event (confirmed); the original reply-to and replay count travel along,
-        so the result of a replayed step is known as such (it may revive its failed job)."""
+        """Publish a command or event (confirmed); the original reply-to, owner and replay count travel
+        along, so the result of a replayed step is known as such (it may revive its failed job)."""
         replays = self.envelope.replays
-        await self.bus.publish(message, reply_to=reply_to or self.delivery.reply_to,
+        await self.bus.publish(message, owner=self.envelope.owner, reply_to=reply_to or self.delivery.reply_to,
                                headers={H_REPLAYS: replays} if replays else None)
 
 
@@ -93,6 +99,8 @@ class Actor:
     step: ClassVar[str] = ""
     #: unacked messages at once when GGT_PREFETCH does not say (how much work one process takes on)
     prefetch: ClassVar[int] = 4
+    #: the job stage this actor's steps run in, for the progress event that announces a retry
+    stage: ClassVar[Stage | None] = None
 
     def __init__(self, *, settings: Settings, bus: Bus) -> None:
         self.settings = settings
@@ -126,15 +134,30 @@ class Actor:
         return found
 
     def classify(self, exc: BaseException) -> JobError:
-        """Turn an unexpected exception into a coded error; transient ones are retryable."""
-        if isinstance(exc, JobError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            return self.classify(exc.exceptions[0])  # a TaskGroup wraps the one error that ended it
-        if isinstance(exc, TRANSIENT_ERRORS):
-            return JobError(ErrorCode.STORAGE_UNAVAILABLE if "s3" in repr(exc).lower() else ErrorCode.INTERNAL,
-                            f"{type(exc).__name__}: {exc}", retryable=True)
-        return JobError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", retryable=True)
+        """Turn an unexpected exception into a coded error (``actors.settle.classify``'s table)."""
+        return classify(exc)
+
+    async def on_undecodable(self, body: bytes, envelope: Envelope, error: Error, ctx: Context) -> None:
+        """Answer the sender of a message that cannot be decoded, if the actor can; it touches no job.
+
+        Called before the message is dead-lettered; the default does nothing (the coordinator
+        answers requests that name their job and reply-to).
+        """
+
+    def retry_stage(self, message: Base) -> Stage | None:
+        """The job stage a retry of ``message`` is announced in; None announces nothing."""
+        return self.stage
+
+    async def on_retry(self, message: Base, error: Error, ctx: Context, *, attempt: int, delay: float) -> None:
+        """Tell the job's followers that its step waits ``delay`` s for retry ``attempt``."""
+        from actors.planning import retry_progress
+
+        stage = self.retry_stage(message)
+        job_id = getattr(message, "job_id", "") or ctx.envelope.job_id
+        if stage is None or not job_id:
+            return
+        await ctx.publish(retry_progress(job_id, stage, code=error.code, attempt=attempt,
+                                         retries=self.settings.max_attempts - 1, delay=delay))
 
     async def on_failure(self, message: Base | None, error: Error, ctx: Context) -> None:
         """Report a failed step to the coordinator (the coordinator overrides this)."""
@@ -157,6 +180,8 @@ class Worker:
         #: message id → set when its handling ends; a concurrent duplicate waits for it
         self._running: dict[str, asyncio.Event] = {}
         self._rng = rng
+        self._limits = Limits(max_attempts=self.settings.max_attempts, retry_delays=self.settings.retry_delays,
+                              delivery_limit=self.settings.delivery_limit)
         self.processed = 0
         #: set once the worker consumes; tests and the CLI wait on it
         self.ready = asyncio.Event()
@@ -202,7 +227,8 @@ class Worker:
             await self._handle(delivery)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await delivery.release()
+                await self._apply(settle(Cancelled(), attempt=env.attempt, limits=self._limits), delivery, None,
+                                  Context(actor=self.actor, delivery=delivery))
             log.info("released for redelivery (shutdown)")
             raise
         except Exception:
@@ -219,36 +245,40 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         env = delivery.envelope
         ctx = Context(actor=self.actor, delivery=delivery)
+        if not delivery.authenticated:
+            log.warning("unauthenticated message dead-lettered",
+                        extra={"exchange": delivery.exchange, "routing_key": delivery.routing_key,
+                               "user_id": delivery.user_id})
+            metrics.UNAUTHENTICATED.labels(self.actor.name).inc()
+            where = f"{delivery.exchange or '(default exchange)'}/{delivery.routing_key}"
+            await self._apply(unauthenticated(where), delivery, None, ctx)
+            return
         try:
             message = decode(delivery.body, type_name_hint=env.type or None, schema=env.schema or None)
         except DecodeError as exc:
-            error = Error.of(ErrorCode.UNDECODABLE_MESSAGE, f"{exc.field}: {exc.reason}" if exc.field else exc.reason)
+            refused = undecodable(exc.field, exc.reason)
             log.warning("undecodable message dead-lettered", extra={"field": exc.field, "reason": exc.reason})
-            await self.actor.on_failure(None, error, ctx)
-            await delivery.dead_letter(actor=self.actor.name, error=error)
-            metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
-            return
-        if delivery.delivery_count >= self.settings.delivery_limit:
-            # the broker would dead-letter the message after this delivery without a word to the job:
-            # a process died on it every time; end it here, reported, instead of a last crash
-            error = Error.of(ErrorCode.INTERNAL, f"delivered {delivery.delivery_count + 1} times without being "
-                             "settled (the handling process kept dying)")
-            log.error("crash loop: dead-lettered before the delivery limit", extra={"deliveries": delivery.delivery_count})
-            await self._report_failure(message, error, ctx)
-            await delivery.dead_letter(actor=self.actor.name, error=error)
-            metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
+            try:
+                await self.actor.on_undecodable(delivery.body, env, refused.error, ctx)
+            except Exception:  # the letter must still be settled; answering is best effort
+                log.exception("could not answer the sender of an undecodable message")
+            await self._apply(refused, delivery, None, ctx)
             return
         handler = self._handlers.get(type(message))
-        if handler is None:
-            error = Error.of(ErrorCode.UNDECODABLE_MESSAGE, f"actor {self.actor.name} has no handler for {env.type}")
-            await delivery.dead_letter(actor=self.actor.name, error=error)
-            metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
+        refused = refusal(deliveries=delivery.delivery_count, has_handler=handler is not None,
+                          limits=self._limits, actor=self.actor.name, type_name=env.type)
+        if refused is not None:
+            if refused.report:
+                log.error("crash loop: dead-lettered before the delivery limit",
+                          extra={"deliveries": delivery.delivery_count})
+            await self._apply(refused, delivery, message, ctx)
             return
+        assert handler is not None  # refusal() refuses a message without one
         while (other := self._running.get(env.message_id)) is not None:
             await other.wait()  # the same message is being handled right now: see how that ends
         if env.message_id in self._done:
             log.info("duplicate of finished work dropped")
-            await delivery.ack()
+            await self._apply(Ack(outcome=None, remember=False), delivery, message, ctx)
             return
         self._running[env.message_id] = finished = asyncio.Event()
         try:
@@ -258,50 +288,60 @@ class Worker:
             finished.set()
 
     async def _run_handler(self, handler: HandlerFn, message: Base, delivery: Delivery, ctx: Context) -> None:
-        env = delivery.envelope
         limit = self.actor.time_limit(message)
+        failure: JobError | None = None
+        exc: BaseException | None = None
         try:
             async with asyncio.timeout(limit) as deadline:
                 await handler(message, ctx)
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
+        except Exception as raised:
+            exc = raised
+            if isinstance(raised, TimeoutError) and deadline.expired():
                 failure = JobError(ErrorCode.TIMEOUT, f"{self.actor.name} ran past its {limit:.0f}s time limit")
             else:
-                failure = self.actor.classify(exc)
-            await self._settle_failure(message, failure, delivery, ctx, exc)
-            return
-        await delivery.ack()
-        metrics.message_outcome(self.actor.name, "processed")
-        self._remember(env.message_id)
+                failure = self.actor.classify(raised)
+        settlement = settle(failure, attempt=delivery.envelope.attempt, limits=self._limits, rng=self._rng)
+        if failure is not None:
+            self._log_failure(settlement, failure, delivery.envelope.attempt, exc)
+        await self._apply(settlement, delivery, message, ctx)
 
-    async def _settle_failure(self, message: Base, failure: JobError, delivery: Delivery, ctx: Context,
-                              exc: BaseException) -> None:
-        error = failure.to_error()
-        attempt = delivery.envelope.attempt
-        extra = {"code": str(error.code), "attempt": attempt, "detail": error.detail[:500]}
-        if not failure.retryable:
+    def _log_failure(self, settlement: Settlement, failure: JobError, attempt: int, exc: BaseException | None) -> None:
+        extra = {"code": str(failure.code), "attempt": attempt, "detail": failure.detail[:500]}
+        if isinstance(settlement, Retry):
+            log.warning("transient failure, retrying", extra={**extra, "delay": round(settlement.delay, 3)},
+                        exc_info=exc is not None and not isinstance(exc, JobError))
+        elif isinstance(settlement, DeadLetter):
+            log.error("failed after the last attempt; dead-lettered", extra=extra)
+        else:
             log.warning("job step failed", extra=extra)
-            if not await self._report_failure(message, error, ctx):
-                await delivery.dead_letter(actor=self.actor.name, error=error)
-                metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
-                return
-            await delivery.ack()
-            metrics.message_outcome(self.actor.name, "failed", error.code)
-            self._remember(delivery.envelope.message_id)
-            return
-        if attempt < self.settings.max_attempts:
-            delay = retry_delay(attempt, self.settings.retry_delays, rng=self._rng)
-            log.warning("transient failure, retrying", extra={**extra, "delay": round(delay, 3)},
-                        exc_info=not isinstance(exc, JobError))
-            await delivery.retry(actor=self.actor.name, delay=delay, error=error)
-            metrics.message_outcome(self.actor.name, "retried", error.code)
-            return
-        log.error("failed after the last attempt; dead-lettered", extra=extra)
-        await self._report_failure(message, error, ctx)
-        await delivery.dead_letter(actor=self.actor.name, error=error)
-        metrics.message_outcome(self.actor.name, "dead_lettered", error.code)
 
-    async def _report_failure(self, message: Base, error: Error, ctx: Context) -> bool:
+    async def _apply(self, settlement: Settlement, delivery: Delivery, message: Base | None, ctx: Context) -> None:
+        """Carry out ``settlement``: report the job's failure when it says so, settle the delivery,
+        record the one metric it names."""
+        if isinstance(settlement, Ack | DeadLetter) and settlement.report and settlement.error is not None:
+            if not await self._report_failure(message, settlement.error, ctx):
+                settlement = unreported(settlement)
+        match settlement:
+            case Ack():
+                await delivery.ack()
+                if settlement.remember:
+                    self._remember(delivery.envelope.message_id)
+            case Retry():
+                await delivery.retry(actor=self.actor.name, delay=settlement.delay, error=settlement.error)
+                try:  # a follower sees the wait; announcing it must never unsettle the retry
+                    await self.actor.on_retry(message, settlement.error, ctx, attempt=delivery.envelope.attempt,
+                                              delay=settlement.delay)
+                except Exception:
+                    log.warning("could not announce the retry", exc_info=True)
+            case DeadLetter():
+                await delivery.dead_letter(actor=self.actor.name, error=settlement.error)
+            case Release():
+                await delivery.release()
+        if settlement.outcome is not None:
+            error = getattr(settlement, "error", None)
+            metrics.message_outcome(self.actor.name, settlement.outcome, str(error.code) if error else "")
+
+    async def _report_failure(self, message: Base | None, error: Error, ctx: Context) -> bool:
         """Tell the job about the failure; False when that failed too (storage or broker down)."""
         try:
             await self.actor.on_failure(message, error, ctx)

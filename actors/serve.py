@@ -12,9 +12,8 @@ from actors import metrics
 from actors.registry import ACTOR_CLASSES, actor_class
 from actors.runtime import Actor, Worker
 from actors.settings import Settings
-from actors.wiring import make_bus, with_embedded_s3
+from actors.wiring import make_bus, new_embedded_s3, with_embedded_s3
 from bus.base import Bus
-from storage.embedded import EmbeddedS3
 
 log = logging.getLogger("getgoodtape.serve")
 
@@ -27,13 +26,12 @@ def install_stop_signals(stopping: asyncio.Event) -> None:
 
 
 @contextlib.asynccontextmanager
-async def workers(names: Sequence[str], *, settings: Settings, bus: Bus, stopping: asyncio.Event,
-                  **deps: object) -> AsyncIterator[list[Worker]]:
+async def workers(names: Sequence[str], *, settings: Settings, bus: Bus,
+                  stopping: asyncio.Event) -> AsyncIterator[list[Worker]]:
     """Start a Worker per actor name in tasks owned by this block; on exit stop them gracefully."""
     built: list[Worker] = []
     for name in names:
-        cls = actor_class(name)
-        actor: Actor = cls(settings=settings, bus=bus, **deps)  # type: ignore[arg-type]
+        actor: Actor = actor_class(name)(settings=settings, bus=bus)
         built.append(Worker(actor))
     async with asyncio.TaskGroup() as group:
         for worker in built:
@@ -45,23 +43,41 @@ async def workers(names: Sequence[str], *, settings: Settings, bus: Bus, stoppin
 
 
 @contextlib.asynccontextmanager
+async def embedded_storage(settings: Settings) -> AsyncIterator[Settings]:
+    """``settings`` pointed at an embedded S3 started for this block when no endpoint is configured
+    (only when every actor shares this process); stopped on exit. moto is imported off the event
+    loop, so what already runs on it (the converter's warm-up) keeps going meanwhile."""
+    if settings.s3_endpoint:
+        yield settings
+        return
+    embedded = await asyncio.to_thread(new_embedded_s3, bucket=settings.s3_bucket)
+    await asyncio.to_thread(embedded.start)
+    try:
+        yield with_embedded_s3(settings, embedded)
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+@contextlib.asynccontextmanager
+async def started_bus(settings: Settings, *, name: str = "getgoodtape") -> AsyncIterator[Bus]:
+    """The bus of these settings, started; closed on exit."""
+    bus = make_bus(settings, name=name)
+    await bus.start()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+@contextlib.asynccontextmanager
 async def local_services(settings: Settings, *, name: str = "getgoodtape",
                          embedded_s3: bool = True) -> AsyncIterator[tuple[Settings, Bus]]:
     """The bus, and the embedded S3 when no endpoint is configured and ``embedded_s3`` allows it
     (only when every actor shares this process); both closed on exit."""
-    embedded = None
-    if not settings.s3_endpoint and embedded_s3:
-        embedded = EmbeddedS3(bucket=settings.s3_bucket)
-        await asyncio.to_thread(embedded.start)
-        settings = with_embedded_s3(settings, embedded)
-    bus = make_bus(settings, name=name)
-    await bus.start()
-    try:
-        yield settings, bus
-    finally:
-        await bus.close()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+    async with contextlib.AsyncExitStack() as stack:
+        if embedded_s3:
+            settings = await stack.enter_async_context(embedded_storage(settings))
+        yield settings, await stack.enter_async_context(started_bus(settings, name=name))
 
 
 async def serve(names: Sequence[str], settings: Settings) -> None:

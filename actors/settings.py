@@ -33,6 +33,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     delivery_limit: int = 10
     #: seconds SIGTERM waits for in-flight work before leaving it unacked for redelivery
     shutdown_grace: float = 20.0
+    #: secret (≥ 32 characters) that signs internal commands (HMAC-SHA256); required with RabbitMQ,
+    #: the same in every service process; empty with the in-memory bus = a random key per process
+    bus_key: str = ""
+    #: older bus keys still accepted (comma-separated) while a rotation runs; never used to sign
+    bus_keys_previous: tuple[str, ...] = ()
 
     # --- storage
     #: S3 endpoint (https://<account>.r2.cloudflarestorage.com, http://minio:9000 …); empty = embedded S3
@@ -66,16 +71,45 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     job_time_limit: float = 25 * 60.0
     #: networks user URLs may reach besides the public internet, comma-separated CIDRs
     allow_networks: tuple[str, ...] = ()
+    #: networks user URLs may never reach, even inside allow_networks, comma-separated CIDRs
+    #: (cloud metadata addresses are always refused)
+    deny_networks: tuple[str, ...] = ()
     #: seconds yt-dlp and ffmpeg wait on a stalled socket
     network_timeout: float = 30.0
+    #: address space (RLIMIT_AS) each ffmpeg and ffprobe child may map, bytes; 0 = unbounded
+    child_memory_limit: int = 1 * GiB
+    #: largest thumbnail the uploader fetches for cover art, bytes; a bigger one is left out
+    max_thumbnail_bytes: int = 2 * MiB
+    #: most bytes of media one job may fetch (all its inputs and segments together); a plan with a
+    #: known duration gets less (``planning.source_budget``); past it the job fails ``source_too_large``
+    max_source_bytes: int = 16 * GiB
+
+    # --- operator levers for the real web (docs/DEPLOY.md, "On a datacenter host")
+    #: proxy every upstream connection of the guard goes through (``http://[user:pass@]host:port``
+    #: for HTTP CONNECT, or ``socks5://…``); the guard still vets each target and tunnels to its IP
+    egress_proxy: str = ""
+    #: Netscape-format cookies file (as yt-dlp's ``--cookies`` reads), applied to extraction and to
+    #: the media fetches they match; read, never written; needed on converter and uploader hosts
+    cookies_file: str = ""
+    #: yt-dlp ``--extractor-args`` values, whitespace-separated (``youtube:player_client=web;po_token=…``)
+    ytdlp_extractor_args: str = ""
+    #: installed yt-dlp plugin packages (distribution names) allowed to load; every other plugin stays off
+    ytdlp_plugins: tuple[str, ...] = ()
 
     # --- edges
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    #: bearer tokens accepted by the HTTP API; empty = no authentication (local use)
+    #: API keys of the HTTP API, ``tenant:token`` (or a bare token: its tenant is ``key-<sha256 prefix>``);
+    #: empty = no authentication, allowed on a loopback http_host only (or with allow_open_api)
     api_keys: tuple[str, ...] = ()
+    #: serve the API without keys on a non-loopback http_host (behind an authenticating proxy)
+    allow_open_api: bool = False
     #: requests per minute per API key (or per client address without keys)
     rate_limit_per_minute: int = 60
+    #: failed authentications per minute per client address before it is refused with 429
+    auth_failures_per_minute: int = 10
+    #: concurrent event streams (SSE) per API key (per tenant)
+    sse_streams_per_key: int = 20
     cors_origins: tuple[str, ...] = ()
     #: port for an actor process's Prometheus metrics; 0 = off
     metrics_port: int = 0
@@ -87,7 +121,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return not self.s3_endpoint
 
 
-_TUPLE_FIELDS = {"retry_delays", "allow_networks", "api_keys", "cors_origins"}
+_TUPLE_FIELDS = {"retry_delays", "allow_networks", "deny_networks", "api_keys", "cors_origins", "bus_keys_previous",
+                 "ytdlp_plugins"}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -98,7 +133,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         value = env.get("GGT_" + field.name.upper())
         if value is None:
             continue
-        if field.name in _TUPLE_FIELDS:
+        if field.name == "api_keys":  # blank entries are kept, so the gateway refuses them
+            raw[field.name] = [item.strip() for item in value.split(",")] if value.strip() else []
+        elif field.name in _TUPLE_FIELDS:
             raw[field.name] = [item.strip() for item in value.split(",") if item.strip()]
         else:
             raw[field.name] = value

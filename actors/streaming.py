@@ -10,11 +10,9 @@ the first buffer, and chunked transfer encoding is an explicit mode for endpoint
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import hashlib
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,20 +25,13 @@ from aiohttp.payload import Payload
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 from yarl import URL
 
+from actors.parts import READ_CHUNK, SINGLE_BUFFER, content_md5
 from messages.errors import ErrorCode, JobError
-from messages.types import MAX_PART_URLS, PartETag, UploadMode, UploadTarget
+from messages.types import PartETag, UploadMode, UploadTarget
+from storage.keys import multipart_etag, strip_etag
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
-#: S3's smallest part except the last one.
-MIN_PART_SIZE = 5 * MiB
-#: S3's most parts per multipart upload.
-MAX_PARTS = 10_000
-#: Bytes asked of the source per read: big reads keep the Python cost per byte negligible.
-READ_CHUNK = 1 * MiB
-#: Bytes buffered for a single PUT when the target carries no multipart upload.
-SINGLE_BUFFER = 8 * MiB
 #: Bytes handed to the socket per write, so the transport never copies a whole part.
 WRITE_SLICE = 256 * 1024
 #: Timeouts of one PUT: connecting must be quick; a part must keep moving, however long it takes.
@@ -87,33 +78,6 @@ class StreamResult:
     #: most bytes ever read from the source but not yet acknowledged by storage
     peak_buffered: int = 0
     seconds: float = 0.0
-
-
-def plan_parts(max_bytes: int, *, part_size: int, max_urls: int = MAX_PART_URLS) -> tuple[int, int]:
-    """The part size and part count that cover ``max_bytes`` with at most ``max_urls`` part URLs.
-
-    The part size is at least 5 MiB and grows (rounded up to a MiB) when ``max_urls`` parts of the
-    wished size would not reach ``max_bytes``; the count never exceeds 10,000.
-    """
-    if max_bytes < 0 or max_urls < 1:
-        raise ValueError("max_bytes must be ≥ 0 and max_urls ≥ 1")
-    max_urls = min(max_urls, MAX_PARTS)
-    size = max(part_size, MIN_PART_SIZE)
-    count = max(1, math.ceil(max_bytes / size))
-    if count > max_urls:
-        size = math.ceil(math.ceil(max_bytes / max_urls) / MiB) * MiB
-        count = max(1, math.ceil(max_bytes / size))
-    return size, count
-
-
-def multipart_etag(part_md5s: list[bytes]) -> str:
-    """S3's ETag of a completed multipart upload: md5 of the binary part md5s, then ``-N``."""
-    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
-
-
-def content_md5(digest: bytes) -> str:
-    """The Content-MD5 header value of a body with this md5 digest."""
-    return base64.b64encode(digest).decode("ascii")
 
 
 # ------------------------------------------------------------------------------- imperative shell
@@ -333,7 +297,7 @@ class _Upload:
             mode="multipart",
             size=self.size,
             sha256=self.sha256.hexdigest(),
-            etag=multipart_etag([md5 for _, md5 in ordered]),
+            etag=multipart_etag(md5.hex() for _, md5 in ordered),
             parts=[part for part, _ in ordered],
             upload_id=multipart.upload_id,
             peak_buffered=self.peak_buffered,
@@ -401,7 +365,7 @@ class _Upload:
                 if response.status >= 400:
                     raise JobError(ErrorCode.UPLOAD_FAILED,
                                    f"{what}: storage refused with HTTP {response.status} {_s3_code(answer)}")
-                return response.headers.get("ETag", "").strip().strip('"')
+                return strip_etag(response.headers.get("ETag", ""))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
 
@@ -441,7 +405,7 @@ class _Upload:
         if response.status >= 400:  # S3 says 501, MinIO and R2 411
             raise JobError(ErrorCode.UPLOAD_FAILED,
                            f"chunked PUT refused with HTTP {response.status} {_s3_code(answer)}; {CHUNKED_HINT}")
-        etag = response.headers.get("ETag", "").strip().strip('"')
+        etag = strip_etag(response.headers.get("ETag", ""))
         _check_etag(etag, md5.hexdigest(), what="chunked PUT")
         return StreamResult(mode="chunked", size=self.size, sha256=self.sha256.hexdigest(),
                             etag=md5.hexdigest(), peak_buffered=self.peak_buffered)

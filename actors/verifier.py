@@ -3,6 +3,10 @@
 HEAD: size, ETag (md5 or md5-of-md5s) and Content-Type. Probe through a presigned GET: container,
 codecs, and a duration within 2 % or 0.5 s of the expected one — which catches a source that was
 cut off mid-way even when ffmpeg exited cleanly.
+
+A verdict is retryable only when the stored object differs from what was streamed (storage's
+doing); a media mismatch is deterministic. A store that does not answer (HEAD, or the probe's GET)
+is no verdict at all: the step is retried as ``storage_unavailable`` and the file kept.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import contextlib
 
 from actors import metrics
+from actors.planning import CATALOG
 from actors.probe import ProbeResult, ffprobe
 from actors.runtime import Actor, Context
 from actors.wiring import storage_config
 from messages.errors import ErrorCode, JobError
-from messages.types import Format, Verified, VerifyObject
+from messages.types import Stage, Verified, VerifyObject
 from storage import ObjectInfo, Storage, StorageUnavailable
+from storage.keys import strip_etag
 
 #: relative and absolute duration tolerance: within 2 % or 0.5 s of the expected duration
 DURATION_TOLERANCE = 0.02
@@ -24,19 +30,6 @@ DURATION_TOLERANCE_S = 0.5
 PROBE_BYTES_PER_S = 5 * 1024 * 1024
 #: seconds the probe's presigned GET stays valid
 PROBE_URL_TTL = 900
-
-#: formats whose duration is measured by counting packets
-PACKET_COUNTED = frozenset({Format.FLAC, Format.WEBM, Format.OPUS, Format.MP4, Format.M4A})
-#: ffprobe's format_name must contain one of these for each output format
-CONTAINERS: dict[Format, tuple[str, ...]] = {
-    Format.MP3: ("mp3",),
-    Format.M4A: ("mp4", "m4a", "mov"),
-    Format.OPUS: ("ogg",),
-    Format.FLAC: ("flac",),
-    Format.WAV: ("wav",),
-    Format.MP4: ("mp4", "mov"),
-    Format.WEBM: ("webm", "matroska"),
-}
 
 
 def probe_timeout(size: int, limit: float) -> float:
@@ -52,7 +45,7 @@ def object_problems(head: ObjectInfo | None, message: VerifyObject) -> list[str]
     problems = []
     if head.size != message.size:
         problems.append(f"size {head.size} differs from the {message.size} bytes streamed")
-    if head.etag.strip('"') != message.etag.strip('"'):
+    if strip_etag(head.etag) != strip_etag(message.etag):
         problems.append(f"ETag {head.etag} differs from the {message.etag} computed while streaming")
     if head.content_type.split(";")[0].strip() != message.content_type:
         problems.append(f"Content-Type {head.content_type!r} is not {message.content_type!r}")
@@ -69,7 +62,7 @@ def duration_ok(measured: float | None, expected: float) -> bool:
 def media_problems(probe: ProbeResult, message: VerifyObject) -> list[str]:
     """What is wrong with the media: container, codecs, duration (empty when nothing is)."""
     problems = []
-    if not any(name in probe.format_name for name in CONTAINERS[message.format]):
+    if not any(name in probe.format_name for name in CATALOG[message.format].containers):
         problems.append(f"container {probe.format_name!r} is not {message.format}")
     for kind, codec in message.expect_codecs.items():
         stream = probe.first(kind)
@@ -88,6 +81,7 @@ class Verifier(Actor):
     """VerifyObject → HEAD + probe → Verified."""
 
     name = "verifier"
+    stage = Stage.VERIFYING
 
     async def setup(self) -> None:
         self._stack = contextlib.AsyncExitStack()
@@ -103,15 +97,18 @@ class Verifier(Actor):
         except StorageUnavailable as exc:
             raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
         problems = object_problems(head, message)
+        # the stored bytes are not the streamed ones: storage's doing, so a fresh run may succeed;
+        # what the media problems below find (and an unreadable file) every run finds again
+        retryable = bool(problems)
         measured = 0.0
         if not problems:
             url = await self.storage.presign_get(message.key, expires=PROBE_URL_TTL)
             # piped FLAC, WebM and Ogg carry no duration in their headers, and a fragmented MP4's is
             # spread over its fragments: count the packets, reading the file once front to back
-            count = message.format in PACKET_COUNTED
+            count = CATALOG[message.format].packet_counted
             try:
                 probe = await ffprobe(url, timeout=probe_timeout(message.size, self.settings.job_time_limit),
-                                      count_packets=count)
+                                      count_packets=count, memory_limit=self.settings.child_memory_limit)
             except JobError as exc:
                 if exc.code == ErrorCode.MEDIA_UNAVAILABLE:  # storage did not serve it: try again, keep the file
                     raise JobError(ErrorCode.STORAGE_UNAVAILABLE, f"probing the stored file: {exc.detail}",
@@ -122,4 +119,4 @@ class Verifier(Actor):
                 measured = probe.best_duration or 0.0
         metrics.verification(not problems)
         await ctx.publish(Verified(job_id=message.job_id, key=message.key, ok=not problems,
-                                   problems=problems, duration=round(measured, 3)))
+                                   problems=problems, duration=round(measured, 3), retryable=retryable))

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
 from actors.settings import Settings
+from bus.auth import BusKeys
 from bus.base import Bus, Topology
 from bus.memory import MemoryBus
-from bus.rabbit import RabbitBus
 from messages.routing import ACTORS
-from storage.embedded import EmbeddedS3
 from storage.s3 import StorageConfig
+
+if TYPE_CHECKING:
+    from storage.embedded import EmbeddedS3
+
+#: what to do when the zero-config path needs the embedded S3 and the `local` extra is not installed
+EMBEDDED_S3_MISSING = (
+    "GGT_S3_ENDPOINT is not set and the embedded S3 is not installed: install it with "
+    "`pip install 'getgoodtape[local]'` (moto and werkzeug; for local runs), "
+    "or set GGT_S3_ENDPOINT, GGT_S3_BUCKET and the credentials of your S3 / MinIO / R2"
+)
 
 
 def topology(settings: Settings) -> Topology:
@@ -23,11 +34,34 @@ def topology(settings: Settings) -> Topology:
     )
 
 
-def make_bus(settings: Settings, *, name: str = "getgoodtape") -> Bus:
-    """RabbitMQ when ``GGT_AMQP_URL`` is set, else the in-memory bus (one process only)."""
+def bus_keys(settings: Settings) -> BusKeys | None:
+    """The keys of ``GGT_BUS_KEY`` / ``GGT_BUS_KEYS_PREVIOUS``; None when no key is set."""
+    if not settings.bus_key:
+        if settings.bus_keys_previous:
+            raise SystemExit("GGT_BUS_KEYS_PREVIOUS is set without GGT_BUS_KEY: set the key that signs")
+        return None
+    try:
+        return BusKeys.of(settings.bus_key, settings.bus_keys_previous)
+    except ValueError as exc:
+        raise SystemExit(f"invalid configuration: GGT_BUS_KEY: {exc}") from None
+
+
+def make_bus(settings: Settings, *, name: str = "getgoodtape", publisher_only: bool = False) -> Bus:
+    """RabbitMQ when ``GGT_AMQP_URL`` is set, else the in-memory bus (one process only).
+
+    On RabbitMQ a service process needs ``GGT_BUS_KEY`` (start refuses without); ``publisher_only``
+    is for clients that only publish ConvertRequested to the public ingress and follow events.
+    """
     if settings.amqp_url:
-        return RabbitBus(settings.amqp_url, topology(settings), name=name)
-    return MemoryBus(topology(settings))
+        keys = bus_keys(settings)
+        if keys is None and not publisher_only:
+            raise SystemExit("GGT_BUS_KEY is not set: service processes on RabbitMQ sign and verify every internal "
+                             "command with it. Give every one the same key (openssl rand -hex 32); "
+                             "see docs/SECURITY.md")
+        from bus.rabbit import RabbitBus  # aio-pika: only processes on RabbitMQ load it
+
+        return RabbitBus(settings.amqp_url, topology(settings), name=name, keys=keys, publisher_only=publisher_only)
+    return MemoryBus(topology(settings), keys=bus_keys(settings))
 
 
 def storage_config(settings: Settings, *, public: bool = False) -> StorageConfig:
@@ -46,6 +80,17 @@ def storage_config(settings: Settings, *, public: bool = False) -> StorageConfig
         secret_access_key=settings.s3_secret_access_key,
         path_style=settings.s3_path_style,
     )
+
+
+def new_embedded_s3(*, bucket: str, port: int = 0) -> EmbeddedS3:
+    """An (unstarted) embedded S3; exits with what to install when the `local` extra is missing."""
+    try:
+        from storage.embedded import EmbeddedS3
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in ("moto", "werkzeug"):
+            raise SystemExit(EMBEDDED_S3_MISSING) from None
+        raise
+    return EmbeddedS3(bucket=bucket, port=port)
 
 
 def with_embedded_s3(settings: Settings, embedded: EmbeddedS3) -> Settings:

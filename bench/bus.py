@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 
+from bus.auth import BusKeys
 from bus.base import Topology
 from bus.rabbit import RabbitBus
 from messages.routing import ACTORS
@@ -34,7 +35,7 @@ def _vhost() -> str | None:
 
 async def run(url: str, count: int, window: int, prefetch: int) -> dict[str, float]:
     """Publish ``count`` messages with at most ``window`` confirms outstanding, then consume them all."""
-    bus = RabbitBus(url, Topology(actors=ACTORS), name="bench")
+    bus = RabbitBus(url, Topology(actors=ACTORS), name="bench", keys=BusKeys.random())  # every publish signed
     await bus.start()
     await bus.purge_all()
     message = VerifyObject(job_id="bench-job-0001", key="converted/x.mp3", size=1, etag="e",

@@ -9,7 +9,10 @@ Four paths convert the same source with the same ffmpeg output arguments (GetGoo
 - ``relay``: the same, but curl PUTs to a relay process that receives the file whole and uploads
   it again (the old coordinator hop);
 - ``getgoodtape``: publish ConvertRequested, wait for JobCompleted (four actor processes over
-  RabbitMQ and the embedded S3, which runs as its own process).
+  RabbitMQ and the embedded S3, which runs as its own process);
+- ``cli``: the main job as a user runs it first: ``getgoodtape convert URL -f FMT -o FILE`` as a
+  whole process (start-up, the in-memory bus, the embedded S3, saving the file and tearing down
+  included).
 
 Plus: small jobs one after another (bus and storage cost per job) and many jobs at once
 (concurrency efficiency), and the uploader's memory across output sizes.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from actors.planning import ffmpeg_argv
+from actors.planning import ffmpeg_argv, output_args
 from actors.settings import Settings
 from bench.procs import Cost, Watched, run_measured, watching
 from bench.services import Service, free_port, load_average, python, queue_consumers, rabbit_vhost, versions
@@ -38,8 +43,8 @@ from storage.s3 import Storage, StorageConfig
 RATE_20MBPS = 20_000_000
 #: presigned URLs of the benchmark live this long, seconds
 EXPIRES = 3600
-#: the four paths, in the order they run within one round
-PATHS = ("floor", "original", "relay", "getgoodtape")
+#: the paths, in the order they run within one round
+PATHS = ("floor", "original", "relay", "getgoodtape", "cli")
 #: actor processes of the main runs
 ACTORS = ("coordinator", "converter", "uploader", "verifier")
 #: seconds one job of the benchmark may take before the run fails
@@ -204,6 +209,7 @@ class Bench:
                 amqp_url=amqp_url, s3_endpoint=config.endpoint, s3_bucket=bucket,
                 s3_access_key_id=EMBEDDED_ACCESS_KEY, s3_secret_access_key=EMBEDDED_SECRET,
                 allow_networks=("127.0.0.1/32",), log_level="WARNING", job_time_limit=JOB_TIMEOUT,
+                bus_key=secrets.token_hex(32),  # the service's processes share one, made up per run
             )
             async with Storage(config) as storage, actor_cluster(self.settings, logs) as cluster:
                 self.storage, self.cluster = storage, cluster
@@ -249,7 +255,8 @@ class Bench:
     def bare_argv(self, plan: MediaPlan, url: str) -> list[str]:
         """The plan's exact ffmpeg argv reading ``url`` (the plan's source URL swapped for it)."""
         return ffmpeg_argv(msgspec.structs.replace(
-            plan, inputs=[msgspec.structs.replace(plan.inputs[0], url=url), *plan.inputs[1:]]))
+            plan, inputs=[msgspec.structs.replace(plan.inputs[0], url=url), *plan.inputs[1:]]),
+            network_timeout=self.planner.settings.network_timeout)
 
     async def reference_output(self, role: str, fmt: str) -> Path:
         """The converted file once, on disk, for the floor's PUT (made outside any measurement)."""
@@ -259,7 +266,7 @@ class Bench:
             target = self.work / "outputs" / f"{role}.{plan.extension}"
             target.parent.mkdir(exist_ok=True)
             argv = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                    "-i", str(self.sources[role]), *plan.output_args, str(target)]
+                    "-i", str(self.sources[role]), *output_args(plan), str(target)]
             done = await run_measured(argv, name="ffmpeg")
             if done.returncode != 0:
                 raise RuntimeError(f"reference ffmpeg failed: {done.stderr.decode()[-500:]}")
@@ -315,7 +322,7 @@ class Bench:
         plan = await self.plan(scenario.source, scenario.format)
         key = f"bench/original/{self.job_id('orig')}.{plan.extension}"
         put_url = await self.storage.presign_put(key, content_type=plan.content_type, expires=EXPIRES)
-        job = Job(url=self.source_url(scenario.source, scenario.rate), output_args=plan.output_args,
+        job = Job(url=self.source_url(scenario.source, scenario.rate), output_args=output_args(plan),
                   extension=plan.extension, put_url=put_url, content_type=plan.content_type,
                   relay_url=self.relay_url if relay else "", work_dir=str(self.work / "tmp"))
         (self.work / "tmp").mkdir(exist_ok=True)
@@ -357,12 +364,35 @@ class Bench:
         return PathRun(scenario=scenario.name, path="getgoodtape", run=run, wall=wall, steps=dict(final.timings),
                        costs=dict(costs), store=store, output_bytes=final.size)
 
+    async def cli(self, scenario: Scenario, run: int) -> PathRun:
+        """``getgoodtape convert URL -f FMT -o FILE --json`` as its own process, nothing configured but
+        the loopback media server allowed: the one-shot run, start-up and teardown included."""
+        plan = await self.plan(scenario.source, scenario.format)
+        output = self.work / "tmp" / f"cli-{self.job_id('cli')}.{plan.extension}"
+        output.parent.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GGT_")}
+        env.update(GGT_ALLOW_NETWORKS="127.0.0.1/32", GGT_JOB_TIME_LIMIT=str(JOB_TIMEOUT))
+        done = await run_measured(python("-m", "actors.cli", "convert", self.source_url(scenario.source, scenario.rate),
+                                         "-f", scenario.format, "-o", str(output), "--json"),
+                                  name="getgoodtape convert", env=env, capture=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"getgoodtape convert failed: {done.stderr.decode()[-1000:]}")
+        final = msgspec.json.decode(done.stdout, type=JobCompleted)
+        size = output.stat().st_size
+        output.unlink()
+        assert size == final.size, (size, final.size)
+        return PathRun(scenario=scenario.name, path="cli", run=run, wall=done.wall,
+                       steps={**final.timings, "process": done.wall}, costs={"getgoodtape convert": done.cost},
+                       output_bytes=size)
+
     async def one(self, path: str, scenario: Scenario, run: int) -> PathRun:
         """Run ``path`` once on ``scenario``."""
         if path == "floor":
             return await self.floor(scenario, run)
         if path in ("original", "relay"):
             return await self.original_path(scenario, run, relay=path == "relay")
+        if path == "cli":
+            return await self.cli(scenario, run)
         return await self.getgoodtape(scenario, run)
 
     # --- small jobs and concurrency
@@ -384,8 +414,6 @@ class Bench:
 
     async def concurrency(self, count: int) -> Concurrency:
         """``count`` short jobs at once with two converters and two uploaders."""
-        import os
-
         for actor in ("converter", "uploader"):
             while len(self.cluster.processes[actor]) < 2:
                 self.cluster.start(actor)

@@ -14,6 +14,9 @@ GOAL_FLOOR_RATIO = 1.15
 GOAL_ORIGINAL_RATIO = 0.75
 GOAL_SMALL_OVERHEAD_S = 0.150
 GOAL_EFFICIENCY = 0.80
+#: issue #16: the one-shot `getgoodtape convert` process ÷ bare ffmpeg, and the long-lived service's
+GOAL_CLI_RATIO = 1.25
+GOAL_SERVICE_RATIO = 1.05
 #: most peak-RSS difference across uploader output sizes that still counts as flat (bench.uploader's)
 FLAT_TOLERANCE = 8 * MiB
 
@@ -109,7 +112,8 @@ def small_job_figures(results: Results) -> dict[str, float]:
     ordered = sorted(s.latencies)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     bare = median(s.bare_ffmpeg)
-    stages = {k: median([t.get(k, 0.0) for t in s.stage_timings]) for k in (s.stage_timings[0] if s.stage_timings else {})}
+    stages = {k: median([t.get(k, 0.0) for t in s.stage_timings])
+              for k in (s.stage_timings[0] if s.stage_timings else {})}
     return {"p50": median(s.latencies), "p95": p95, "bare": bare, "overhead_p50": median(s.latencies) - bare,
             "overhead_p95": p95 - bare, **{f"stage_{k}": v for k, v in stages.items()}}
 
@@ -134,11 +138,19 @@ def goals(results: Results) -> list[tuple[str, str, str, bool]]:
         original = median_wall(paths.get("original", []))
         if scenario.startswith("video→mp3") and floor:
             ratio = ggt / floor
+            target = GOAL_SERVICE_RATIO if "20MB/s" in scenario else GOAL_FLOOR_RATIO
             rows.append((f"{scenario}: end-to-end ÷ floor", f"{ratio:.2f} ({ggt:.2f} s ÷ {floor:.2f} s)",
-                         f"≤ {GOAL_FLOOR_RATIO}", ratio <= GOAL_FLOOR_RATIO))
+                         f"≤ {target}", ratio <= target))
+            cli = median_wall(paths.get("cli", []))
+            if cli and "20MB/s" in scenario:
+                ratio = cli / floor
+                rows.append((f"{scenario}: one-shot `getgoodtape convert` process ÷ floor",
+                             f"{ratio:.2f} ({cli:.2f} s ÷ {floor:.2f} s)", f"≤ {GOAL_CLI_RATIO}",
+                             ratio <= GOAL_CLI_RATIO))
         if "20MB/s" in scenario and original:
             ratio = ggt / original
-            rows.append((f"{scenario}: end-to-end ÷ original processor", f"{ratio:.2f} ({ggt:.2f} s ÷ {original:.2f} s)",
+            rows.append((f"{scenario}: end-to-end ÷ original processor",
+                         f"{ratio:.2f} ({ggt:.2f} s ÷ {original:.2f} s)",
                          f"≤ {GOAL_ORIGINAL_RATIO}", ratio <= GOAL_ORIGINAL_RATIO))
     data_path = [r for r in results.runs if r.path == "getgoodtape"]
     if data_path:
@@ -194,7 +206,8 @@ def other_tables(results: Results) -> str:
         out.append(f"Concurrency ({c.jobs} jobs at once): wall {c.wall:.1f} s; bare ffmpeg CPU per job "
                    f"{median(c.bare_cpu):.3f} s; efficiency {efficiency(results):.0%}. Processes: {costs}{store}.")
     if results.uploader:
-        rows = ["| output bytes | parts | seconds | MB/s | peak RSS MiB | disk written |", "|---:|---:|---:|---:|---:|---:|"]
+        rows = ["| output bytes | parts | seconds | MB/s | peak RSS MiB | disk written |",
+                "|---:|---:|---:|---:|---:|---:|"]
         rows += [f"| {r.size:,} | {r.parts} | {r.seconds:.2f} | {r.size / 1e6 / r.seconds:.0f} | "
                  f"{r.peak_rss / MiB:.1f} | {r.written:,} |" for r in results.uploader]
         out.append(f"Uploader data path (bench.uploader's child, part size {results.uploader_part_size // MiB} MiB, "
@@ -228,11 +241,12 @@ def chart(results: Results, target: Path) -> None:
     grouped = by_path(results)
     names = list(grouped)
     fig, ax = plt.subplots(figsize=(11, 5))
-    width = 0.2
-    colors = {"floor": "#999999", "original": "#d62728", "relay": "#ff7f0e", "getgoodtape": "#2ca02c"}
+    width = 0.8 / len(PATHS)
+    colors = {"floor": "#999999", "original": "#d62728", "relay": "#ff7f0e", "getgoodtape": "#2ca02c",
+              "cli": "#1f77b4"}
     for i, path in enumerate(PATHS):
         values = [median_wall(grouped[n].get(path, [])) for n in names]
-        bars = ax.bar([x + (i - 1.5) * width for x in range(len(names))], values, width, label=path,
+        bars = ax.bar([x + (i - (len(PATHS) - 1) / 2) * width for x in range(len(names))], values, width, label=path,
                       color=colors[path])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(names)), names, fontsize=8)

@@ -56,7 +56,8 @@ def generate_argv(source: Source, target: Path) -> list[str]:
     """ffmpeg making ``source`` at ``target``: H.264 (ultrafast) + AAC in MP4, or AAC in M4A (faststart)."""
     argv = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
     if source.width:
-        argv += ["-f", "lavfi", "-i", f"testsrc2=size={source.width}x{source.height}:rate={FPS}:duration={source.seconds}"]
+        argv += ["-f", "lavfi", "-i",
+                 f"testsrc2=size={source.width}x{source.height}:rate={FPS}:duration={source.seconds}"]
     argv += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={source.seconds}"]
     if source.width:
         argv += ["-c:v", "libx264", "-preset", "ultrafast", "-g", str(GOP_FRAMES), "-pix_fmt", "yuv420p"]

@@ -178,7 +178,7 @@ class S3Store:
 
     async def prepare(self, key: str, *, max_bytes: int, part_size: int):
         """An UploadTarget for ``key`` as the coordinator would send it."""
-        from actors.streaming import plan_parts
+        from actors.parts import plan_parts
         from messages.types import PartUpload, UploadTarget
 
         planned_size, count = plan_parts(max_bytes, part_size=part_size)
@@ -228,7 +228,7 @@ class NullStore:
 
     async def prepare(self, key: str, *, max_bytes: int, part_size: int):
         """A target whose every URL is this sink."""
-        from actors.streaming import plan_parts
+        from actors.parts import plan_parts
         from messages.types import PartUpload, UploadTarget
 
         planned_size, count = plan_parts(max_bytes, part_size=part_size)

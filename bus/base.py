@@ -1,7 +1,8 @@
 """The bus interface: one contract, two implementations (RabbitMQ and in-memory).
 
-A Delivery is one received message with four ways to settle it: ``ack`` (done), ``release`` (leave
-for redelivery — shutdown), ``retry`` (a delayed copy with attempt + 1, then ack) and
+A Delivery is one received message, admitted by ``admit`` (the bus vouches for its envelope only
+when it came from the public ingress or carries a valid MAC), with four ways to settle it: ``ack``
+(done), ``release`` (leave for redelivery — shutdown), ``retry`` (a delayed copy with attempt + 1, then ack) and
 ``dead_letter`` (a copy with diagnostic headers in the actor's DLQ, then ack). Copies are always
 confirmed before the original is acked, so a crash in between duplicates, never loses.
 """
@@ -16,6 +17,7 @@ from datetime import datetime
 
 import msgspec
 
+from bus.auth import BusKeys, signed, verify
 from messages.codec import (
     H_ACTOR,
     H_ATTEMPT,
@@ -23,24 +25,30 @@ from messages.codec import (
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
     H_FIRST_FAILURE,
+    H_MAC,
     H_ORIGIN_EXCHANGE,
     H_ORIGIN_ROUTING_KEY,
+    H_OWNER,
     H_RETRY_DELAY_MS,
     Envelope,
     encode,
     envelope_for,
+    new_id,
     now,
+    request_message_id,
 )
 from messages.errors import Error
 from messages.routing import (
     COMMANDS_EXCHANGE,
-    CONSUMER,
     EVENTS_EXCHANGE,
+    REQUESTS_EXCHANGE,
     ROUTING_KEYS,
     event_routing_key,
     is_event,
+    request_routing_key,
+    tenant_of_request,
 )
-from messages.types import Base
+from messages.types import Base, ConvertRequested, type_name
 
 #: Default retry tiers in seconds; one TTL queue each. Exponential: ×5 per step.
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (1.0, 5.0, 25.0, 120.0)
@@ -68,16 +76,43 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
     publish_timeout: float = 10.0
 
 
+def admit(envelope: Envelope, body: bytes, *, exchange: str, routing_key: str,
+          keys: BusKeys) -> tuple[Envelope, bool]:
+    """What the bus vouches for in a delivery: the envelope to act on, and whether it is authenticated.
+
+    ``exchange`` and ``routing_key`` are the broker's, never a header. A request from the public
+    ingress loses every ``ggt-*`` header, is owned by the tenant its routing key names, is a
+    ConvertRequested whatever it claims, and gets a stable id when it has none; it is authenticated
+    when the key names a valid tenant. Anything else is authenticated by its MAC; without a valid
+    one it loses its ``ggt-*`` headers too (only the service sets them).
+    """
+    if exchange == REQUESTS_EXCHANGE:
+        tenant = tenant_of_request(routing_key)
+        return msgspec.structs.replace(
+            envelope, type=type_name(ConvertRequested), headers={H_OWNER: tenant} if tenant else {},
+            message_id=envelope.message_id or request_message_id(tenant or "", body),
+        ), tenant is not None
+    if verify(keys, envelope, body):
+        return envelope, True
+    return msgspec.structs.replace(envelope, headers={}, message_id=envelope.message_id or new_id()), False
+
+
 class Delivery(abc.ABC):
     """One received message and how to settle it."""
 
     body: bytes
+    #: the envelope as admitted (``admit``): outside ``ggt-*`` headers already dropped
     envelope: Envelope
     exchange: str
     routing_key: str
     #: deliveries of this copy so far that were not settled (crashes, shutdowns); 0 on the first
     delivery_count: int
     reply_to: str | None
+    #: the bus vouches for the envelope: a valid MAC, or a request from the public ingress
+    authenticated: bool
+    #: the broker user the publisher set in ``user_id`` (RabbitMQ checks it against the connection)
+    user_id: str | None = None
+    keys: BusKeys
 
     @abc.abstractmethod
     async def ack(self) -> None:
@@ -93,12 +128,8 @@ class Delivery(abc.ABC):
         """Publish a copy of this message (same body, id and job) with ``headers``, confirmed."""
 
     def origin(self) -> tuple[str, str]:
-        """Where this message was first published: (exchange, routing key)."""
-        headers = self.envelope.headers
-        return (
-            str(headers.get(H_ORIGIN_EXCHANGE, self.exchange)),
-            str(headers.get(H_ORIGIN_ROUTING_KEY, self.routing_key)),
-        )
+        """Where the broker delivered this message from: (exchange, routing key) — never a header."""
+        return self.exchange, self.routing_key
 
     async def retry(self, *, actor: str, delay: float, error: Error) -> None:
         """Send a copy through the retry tier for ``delay`` back to ``actor`` with attempt + 1, then ack."""
@@ -130,6 +161,12 @@ class Delivery(abc.ABC):
             H_ORIGIN_ROUTING_KEY: routing_key,
         })
         headers.setdefault(H_FIRST_FAILURE, now().isoformat())
+        headers.pop(H_MAC, None)
+        if self.authenticated:
+            # re-signed with the current key (a request from the ingress gets its first MAC here);
+            # an unauthenticated message never gets one, so a replay cannot launder it
+            envelope = msgspec.structs.replace(self.envelope, headers=headers)
+            headers = dict(signed(self.keys, envelope, self.body).headers)
         return headers
 
     @abc.abstractmethod
@@ -149,6 +186,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     origin_routing_key: str
     dead_lettered_at: datetime | None
     reply_to: str | None = None
+    #: its MAC verifies under this bus's keys: the service wrote it (only such letters are replayed)
+    authenticated: bool = False
 
 
 class DeadLetterBatch(abc.ABC):
@@ -169,6 +208,8 @@ class Bus(abc.ABC):
     """Publish commands and events, consume an actor's queue, reach dead letters."""
 
     topology: Topology
+    #: the keys that sign and verify internal commands
+    keys: BusKeys | None
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -190,22 +231,40 @@ class Bus(abc.ABC):
                           reply_to: str | None = None) -> None:
         """Publish bytes, confirmed, mandatory: raises Unroutable or PublishTimeout rather than lose it."""
 
-    async def publish(self, message: Base, *, envelope: Envelope | None = None, reply_to: str | None = None,
-                      headers: dict[str, str | int] | None = None) -> Envelope:
-        """Publish a command to its actor, or an event to ggt.events; returns the envelope used."""
+    async def publish(self, message: Base, *, owner: str = "", envelope: Envelope | None = None,
+                      reply_to: str | None = None, headers: dict[str, str | int] | None = None) -> Envelope:
+        """Publish a message for the job of tenant ``owner``; returns the envelope used.
+
+        ConvertRequested goes to ggt.requests as ``convert.<owner>``; an event to ggt.events as
+        ``job.<owner>.<job_id>.<event>`` (signed when the bus holds a key); any other command to
+        ggt.commands, signed, with the owner in ``ggt-owner``. An empty owner is the envelope's, else the
+        default tenant.
+        """
         env = envelope or envelope_for(message, headers=headers)
-        if is_event(type(message)):
-            exchange, key = EVENTS_EXCHANGE, event_routing_key(message)
+        owner = owner or env.owner
+        body = encode(message)
+        if isinstance(message, ConvertRequested):
+            # the owner travels as the routing key: the ingress ignores headers
+            exchange, key = REQUESTS_EXCHANGE, request_routing_key(owner)
         else:
-            exchange, key = COMMANDS_EXCHANGE, ROUTING_KEYS[type(message)]
-        await self.publish_raw(exchange=exchange, routing_key=key, body=encode(message), envelope=env,
-                               reply_to=reply_to)
+            if owner:
+                env = msgspec.structs.replace(env, headers={**env.headers, H_OWNER: owner})
+            if is_event(type(message)):
+                exchange, key = EVENTS_EXCHANGE, event_routing_key(message, owner)
+                if self.keys is not None:  # signed too: the gateway streams only what the service wrote
+                    env = signed(self.keys, env, body)
+            else:
+                if self.keys is None:
+                    raise BusError("this bus holds no GGT_BUS_KEY: it may publish requests only")
+                exchange, key = COMMANDS_EXCHANGE, ROUTING_KEYS[type(message)]
+                env = signed(self.keys, env, body)
+        await self.publish_raw(exchange=exchange, routing_key=key, body=body, envelope=env, reply_to=reply_to)
         return env
 
-    async def reply(self, queue: str, message: Base) -> None:
+    async def reply(self, queue: str, message: Base, *, owner: str = "") -> None:
         """Send an event to a caller's own queue (AMQP reply-to, default exchange)."""
         await self.publish_raw(exchange="", routing_key=queue, body=encode(message),
-                               envelope=envelope_for(message))
+                               envelope=envelope_for(message, headers={H_OWNER: owner} if owner else None))
 
     @abc.abstractmethod
     def deliveries(self, actor: str, *, prefetch: int) -> AsyncIterator[Delivery]:
@@ -258,7 +317,3 @@ def retry_delay(attempt: int, tiers: Sequence[float], *, rng: random.Random | No
     tier = sorted(tiers)[min(max(attempt, 1), len(tiers)) - 1]
     return tier * (0.5 + 0.5 * (rng or random).random())
 
-
-def consumer_of(message_type: type[Base]) -> str:
-    """The actor that consumes a command type."""
-    return CONSUMER[message_type]

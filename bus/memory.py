@@ -12,11 +12,11 @@ import contextlib
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
 
 import msgspec
 
-from bus.base import Bus, DeadLetter, DeadLetterBatch, Delivery, Topology, Unroutable, retry_exchange
+from bus.auth import BusKeys, verify
+from bus.base import Bus, DeadLetter, DeadLetterBatch, Delivery, Topology, Unroutable, admit, retry_exchange
 from messages.codec import (
     H_ACTOR,
     H_DEAD_LETTERED_AT,
@@ -25,12 +25,16 @@ from messages.codec import (
     H_ORIGIN_EXCHANGE,
     H_ORIGIN_ROUTING_KEY,
     Envelope,
+    header_time,
     now,
 )
 from messages.routing import (
     COMMANDS_EXCHANGE,
+    COORDINATOR,
     DEAD_LETTER_EXCHANGE,
     EVENTS_EXCHANGE,
+    REQUESTS_BINDING,
+    REQUESTS_EXCHANGE,
     dead_letter_queue,
     queue_name,
     routing_keys_for,
@@ -74,7 +78,9 @@ class MemoryDelivery(Delivery):
     def __init__(self, bus: MemoryBus, queue: _Queue, stored: _Stored, settled: asyncio.Event) -> None:
         self._bus, self._queue, self._stored, self._settled = bus, queue, stored, settled
         self.body = stored.body
-        self.envelope = stored.envelope
+        self.keys = bus.keys
+        self.envelope, self.authenticated = admit(stored.envelope, stored.body, exchange=stored.exchange,
+                                                  routing_key=stored.routing_key, keys=bus.keys)
         self.exchange = stored.exchange
         self.routing_key = stored.routing_key
         self.delivery_count = stored.delivery_count
@@ -125,8 +131,10 @@ class _MemoryBatch(DeadLetterBatch):
 class MemoryBus(Bus):
     """RabbitMQ's semantics in memory; nothing survives the process."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, *, keys: BusKeys | None = None) -> None:
         self.topology = topology
+        #: made up per process unless given: nothing outside this process can sign a command
+        self.keys: BusKeys = keys or BusKeys.random()
         self._queues: dict[str, _Queue] = {}
         self._bindings: dict[str, list[str]] = {}
         self._subscribers: list[tuple[str, asyncio.Queue[tuple[Envelope, bytes]]]] = []
@@ -166,6 +174,9 @@ class MemoryBus(Bus):
             return  # a topic exchange with no subscriber drops events, as RabbitMQ would
         if item.exchange == COMMANDS_EXCHANGE:
             targets = self._bindings.get(item.routing_key, [])
+        elif item.exchange == REQUESTS_EXCHANGE:
+            bound = COORDINATOR in self.topology.actors and topic_matches(REQUESTS_BINDING, item.routing_key)
+            targets = [queue_name(COORDINATOR)] if bound else []
         elif item.exchange == DEAD_LETTER_EXCHANGE:
             targets = [dead_letter_queue(item.routing_key)] if item.routing_key in self.topology.actors else []
         elif item.exchange == "":
@@ -199,8 +210,7 @@ class MemoryBus(Bus):
             headers.setdefault(H_ERROR_CODE, "delivery_limit")
             headers.setdefault(H_ERROR_MESSAGE, "redelivered past the delivery limit (consumer kept dying)")
             headers.setdefault(H_ACTOR, actor)
-            headers.setdefault(H_ORIGIN_EXCHANGE, exchange)
-            headers.setdefault(H_ORIGIN_ROUTING_KEY, key)
+            headers[H_ORIGIN_EXCHANGE], headers[H_ORIGIN_ROUTING_KEY] = exchange, key  # the real delivery
             headers[H_DEAD_LETTERED_AT] = now().isoformat()
             envelope = msgspec.structs.replace(item.envelope, headers=headers)
             self._queues[dead_letter_queue(actor)].put(
@@ -272,13 +282,13 @@ class MemoryBus(Bus):
         taken: list[_Stored] = []
         while queue.items and (limit is None or len(taken) < limit):
             taken.append(queue.items.popleft())
-        return _MemoryBatch(queue, taken, [_dead_letter(actor, item) for item in taken])
+        return _MemoryBatch(queue, taken, [_dead_letter(actor, item, self.keys) for item in taken])
 
     async def queue_depths(self) -> dict[str, int]:
         return {name: len(q.items) for name, q in self._queues.items()}
 
 
-def _dead_letter(actor: str, item: _Stored) -> DeadLetter:
+def _dead_letter(actor: str, item: _Stored, keys: BusKeys) -> DeadLetter:
     headers = item.envelope.headers
     at = headers.get(H_DEAD_LETTERED_AT)
     return DeadLetter(
@@ -289,6 +299,7 @@ def _dead_letter(actor: str, item: _Stored) -> DeadLetter:
         error_message=str(headers.get(H_ERROR_MESSAGE, "")),
         origin_exchange=str(headers.get(H_ORIGIN_EXCHANGE, "")),
         origin_routing_key=str(headers.get(H_ORIGIN_ROUTING_KEY, "")),
-        dead_lettered_at=datetime.fromisoformat(str(at)) if at else None,
+        dead_lettered_at=header_time(at),
         reply_to=item.reply_to,
+        authenticated=verify(keys, item.envelope, item.body),
     )

@@ -2,9 +2,11 @@
 
 Topology (declared idempotently by ``start``):
 
-- ``ggt.commands`` (direct): each actor's quorum queue ``ggt.<actor>`` is bound with the routing
-  keys of the commands it consumes and ``actor.<actor>`` (used by retries).
-- ``ggt.events`` (topic): JobProgress / JobCompleted / JobFailed as ``job.<job_id>.<event>``.
+- ``ggt.requests`` (topic, the public ingress): ConvertRequested as ``convert.<tenant>``; the
+  coordinator's queue is bound with ``convert.*``. Integrators may write here and nowhere else.
+- ``ggt.commands`` (direct, only the service writes): each actor's quorum queue ``ggt.<actor>`` is
+  bound with the routing keys of the commands it consumes and ``actor.<actor>`` (used by retries).
+- ``ggt.events`` (topic): JobProgress / JobCompleted / JobFailed as ``job.<tenant>.<job_id>.<event>``.
 - ``ggt.dlx`` (direct): ``ggt.<actor>.dlq`` bound with key ``<actor>``; fed by our explicit
   dead-lettering and by the quorum queue's delivery limit (crash loops).
 - ``ggt.retry.<ms>`` (fanout) → queue ``ggt.retry.<ms>`` with that TTL, dead-lettering back to
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from bus.auth import BusKeys, verify
 from bus.base import (
     Bus,
     BusError,
@@ -36,6 +39,7 @@ from bus.base import (
     PublishTimeout,
     Topology,
     Unroutable,
+    admit,
     retry_exchange,
 )
 from messages.codec import (
@@ -48,13 +52,16 @@ from messages.codec import (
     H_ORIGIN_ROUTING_KEY,
     H_SCHEMA,
     Envelope,
-    new_id,
+    header_time,
     now,
 )
 from messages.routing import (
     COMMANDS_EXCHANGE,
+    COORDINATOR,
     DEAD_LETTER_EXCHANGE,
     EVENTS_EXCHANGE,
+    REQUESTS_BINDING,
+    REQUESTS_EXCHANGE,
     command_type_name,
     dead_letter_queue,
     queue_name,
@@ -82,6 +89,33 @@ def work_queue_arguments(actor: str, *, delivery_limit: int) -> dict[str, Any]:
     }
 
 
+log = logging.getLogger("getgoodtape.bus")
+
+
+async def declare_work_queue(connection: AbstractRobustConnection, channel: AbstractChannel, name: str,
+                             arguments: dict[str, Any]) -> tuple[aio_pika.abc.AbstractQueue, str]:
+    """Declare a work queue with ``arguments``; a queue that exists with other arguments (an operator
+    changed GGT_DELIVERY_LIMIT) is kept as it is instead of failing the start.
+
+    RabbitMQ cannot change a queue's arguments, and quorum queues cannot be deleted only-if-empty, so
+    nothing is deleted: the actors enforce the configured delivery limit themselves (the runtime
+    dead-letters a message delivered more often, reporting its job); the broker's own limit stays the
+    first one as a backstop. Returns the queue and a note ("" when the arguments matched).
+    """
+    probe = await connection.channel()  # a refused declaration closes its channel: not the caller's
+    note = ""
+    try:
+        await probe.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        note = (f"queue {name} exists with other arguments ({exc.args[0] if exc.args else exc}); kept as it is: "
+                "the actors enforce the configured delivery limit themselves (docs/DEAD_LETTERS.md)")
+        log.warning("queue arguments differ; existing queue kept", extra={"queue": name, "note": note})
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.close()
+    return await channel.declare_queue(name, passive=True), note
+
+
 def retry_queue_arguments(tier: float) -> dict[str, Any]:
     """Arguments of a retry tier queue: its TTL, then back to ggt.commands."""
     return {"x-message-ttl": round(tier * 1000), "x-dead-letter-exchange": COMMANDS_EXCHANGE}
@@ -102,7 +136,10 @@ def _own_headers(headers: dict[str, Any] | None) -> dict[str, str | int]:
 
 
 def envelope_of(message: AbstractIncomingMessage) -> Envelope:
-    """The envelope carried in a received message's properties (lenient for hand-published ones)."""
+    """The envelope carried in a received message's properties (lenient for hand-published ones).
+
+    A message without an id keeps an empty one: ``admit`` derives a request's id from its body.
+    """
     headers = message.headers or {}
     schema = headers.get(H_SCHEMA)
     if isinstance(schema, bytes):
@@ -113,7 +150,7 @@ def envelope_of(message: AbstractIncomingMessage) -> Envelope:
 
         created = created.replace(tzinfo=UTC)
     return Envelope(
-        message_id=message.message_id or new_id(),
+        message_id=message.message_id or "",
         job_id=message.correlation_id or "",
         type=message.type or command_type_name(message.routing_key or "") or "",
         schema=str(schema) if schema else "",
@@ -128,7 +165,10 @@ def _delivery_limit_origin(headers: dict[str, Any]) -> tuple[str, str, str]:
     if not deaths:
         return "", "", ""
     first = deaths[-1] if isinstance(deaths, list) else deaths
+    if not isinstance(first, dict):  # a publisher's junk, not the broker's record
+        return "", "", ""
     keys = first.get("routing-keys") or [""]
+    keys = keys if isinstance(keys, list) and keys else [""]
     reason = first.get("reason", "")
     return (
         reason.decode() if isinstance(reason, bytes) else str(reason),
@@ -143,9 +183,13 @@ class RabbitDelivery(Delivery):
     def __init__(self, bus: RabbitBus, message: AbstractIncomingMessage) -> None:
         self._bus, self._message = bus, message
         self.body = message.body
-        self.envelope = envelope_of(message)
         self.exchange = message.exchange or ""
         self.routing_key = message.routing_key or ""
+        assert bus.keys is not None, "a consuming bus holds keys"
+        self.keys = bus.keys
+        self.envelope, self.authenticated = admit(envelope_of(message), message.body, exchange=self.exchange,
+                                                  routing_key=self.routing_key, keys=bus.keys)
+        self.user_id = message.user_id
         count = (message.headers or {}).get("x-delivery-count", 0)
         self.delivery_count = int(count) if isinstance(count, int) else 0
         self.reply_to = message.reply_to
@@ -188,25 +232,39 @@ class _RabbitBatch(DeadLetterBatch):
 
 
 class RabbitBus(Bus):
-    """GetGoodTape's topology on RabbitMQ, with confirms, returns, retries and dead letters."""
+    """GetGoodTape's topology on RabbitMQ, with confirms, returns, retries and dead letters.
 
-    def __init__(self, url: str, topology: Topology, *, name: str = "getgoodtape") -> None:
+    Without ``keys`` it refuses to start, unless it is ``publisher_only``: a client (``submit``)
+    that publishes ConvertRequested to the public ingress, declares no topology and signs nothing
+    (it may still follow events through its own queue).
+    """
+
+    def __init__(self, url: str, topology: Topology, *, name: str = "getgoodtape", keys: BusKeys | None = None,
+                 publisher_only: bool = False) -> None:
         self.url, self.topology, self.name = url, topology, name
+        self.keys, self.publisher_only = keys, publisher_only
         self._publish_conn: AbstractRobustConnection | None = None
         self._consume_conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        #: what start() found different from the settings (queues kept with their first arguments)
+        self.topology_notes: list[str] = []
 
     async def start(self) -> None:
+        if self.keys is None and not self.publisher_only:
+            raise BusError("GGT_BUS_KEY is not set: actors on RabbitMQ sign and verify every internal command "
+                           "with it. Give every service process the same key "
+                           "(python -c 'import secrets; print(secrets.token_hex(32))'); see docs/SECURITY.md")
         self._publish_conn = await aio_pika.connect_robust(
             self.url, reconnect_interval=RECONNECT_INTERVAL,
             client_properties={"connection_name": f"{self.name}/publish"},
         )
+        self._channel = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=True)
         self._consume_conn = await aio_pika.connect_robust(
             self.url, reconnect_interval=RECONNECT_INTERVAL,
             client_properties={"connection_name": f"{self.name}/consume"},
         )
-        self._channel = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=True)
-        await self._declare(self._channel)
+        if not self.publisher_only:  # an integrator's rights do not reach the topology
+            await self._declare(self._channel)
 
     async def close(self) -> None:
         for conn in (self._consume_conn, self._publish_conn):
@@ -217,6 +275,7 @@ class RabbitBus(Bus):
     async def _declare(self, channel: AbstractChannel) -> None:
         ex = aio_pika.ExchangeType
         commands = await channel.declare_exchange(COMMANDS_EXCHANGE, ex.DIRECT, durable=True)
+        requests = await channel.declare_exchange(REQUESTS_EXCHANGE, ex.TOPIC, durable=True)
         await channel.declare_exchange(EVENTS_EXCHANGE, ex.TOPIC, durable=True)
         dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, ex.DIRECT, durable=True)
         for tier in self.topology.retry_delays:
@@ -225,12 +284,17 @@ class RabbitBus(Bus):
             tier_queue = await channel.declare_queue(name, durable=True, arguments=retry_queue_arguments(tier))
             await tier_queue.bind(tier_exchange)
         for actor in self.topology.actors:
-            work = await channel.declare_queue(
-                queue_name(actor), durable=True,
-                arguments=work_queue_arguments(actor, delivery_limit=self.topology.delivery_limit),
+            assert self._publish_conn is not None
+            work, note = await declare_work_queue(
+                self._publish_conn, channel, queue_name(actor),
+                work_queue_arguments(actor, delivery_limit=self.topology.delivery_limit),
             )
+            if note:
+                self.topology_notes.append(note)
             for key in routing_keys_for(actor):
                 await work.bind(commands, key)
+            if actor == COORDINATOR:
+                await work.bind(requests, REQUESTS_BINDING)
             # classic, durable, no TTL and no length limit: dead letters never expire silently;
             # classic so that letters put back after an inspection keep their order
             dlq = await channel.declare_queue(dead_letter_queue(actor), durable=True,
@@ -294,21 +358,32 @@ class RabbitBus(Bus):
         assert self._consume_conn is not None, "bus not started"
         channel = await self._consume_conn.channel()
         try:
-            if queue is None:
+            # an exclusive queue dies with its connection, so an ack there buys nothing but a round
+            # trip that fails when the broker restarts under it: the broker forgets what it sent.
+            # A named (reply) queue outlives us: its messages are acked as they are read.
+            transient = queue is None
+            if transient:
                 q = await channel.declare_queue(exclusive=True, auto_delete=True)
                 await q.bind(EVENTS_EXCHANGE, pattern)
             else:
                 q = await channel.get_queue(queue, ensure=True)
-            async with q.iterator() as messages:
-                yield self._read(messages)
+            async with q.iterator(no_ack=transient) as messages:
+                yield self._read(messages, ack=not transient)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
 
     @staticmethod
-    async def _read(messages: Any) -> AsyncIterator[tuple[Envelope, bytes]]:
+    async def _read(messages: Any, *, ack: bool) -> AsyncIterator[tuple[Envelope, bytes]]:
         async for message in messages:
-            await message.ack()
+            if ack:
+                try:
+                    await message.ack()
+                except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                        aiormq.exceptions.ChannelClosed, ConnectionError) as exc:
+                    # the connection went while acking: the message is handed on now and, if the
+                    # ack never reached the broker, once more after the reconnect (at least once)
+                    log.warning("ack lost with the connection (%s): the message may come again", exc)
             yield envelope_of(message), message.body
 
     async def declare_reply_queue(self, name: str) -> None:
@@ -328,7 +403,7 @@ class RabbitBus(Bus):
             if message is None:
                 break
             messages.append(message)
-        return _RabbitBatch(channel, messages, [_dead_letter(actor, m) for m in messages])
+        return _RabbitBatch(channel, messages, [_dead_letter(actor, m, self.keys) for m in messages])
 
     async def queue_depths(self) -> dict[str, int]:
         assert self._publish_conn is not None, "bus not started"
@@ -354,19 +429,21 @@ class RabbitBus(Bus):
             await queue.purge()
 
 
-def _dead_letter(actor: str, message: AbstractIncomingMessage) -> DeadLetter:
+def _dead_letter(actor: str, message: AbstractIncomingMessage, keys: BusKeys | None) -> DeadLetter:
     headers = message.headers or {}
     envelope = envelope_of(message)
     own = envelope.headers
     reason, x_exchange, x_key = _delivery_limit_origin(headers)
     at = own.get(H_DEAD_LETTERED_AT)
     if reason and at is None:
-        # the broker dead-lettered it (delivery limit): our headers describe an earlier retry
-        own = {k: v for k, v in own.items() if k not in (H_ERROR_CODE, H_ERROR_MESSAGE)}
-    when: datetime | None = datetime.fromisoformat(str(at)) if at else None
+        # the broker dead-lettered it (delivery limit): our headers describe an earlier retry, and
+        # where it came from is what the broker recorded
+        own = {k: v for k, v in own.items()
+               if k not in (H_ERROR_CODE, H_ERROR_MESSAGE, H_ORIGIN_EXCHANGE, H_ORIGIN_ROUTING_KEY)}
+    when = header_time(at)
     if when is None and reason:
         deaths = headers.get("x-death") or []
-        when = deaths[-1].get("time") if deaths else None
+        when = header_time(deaths[-1].get("time")) if isinstance(deaths, list) and deaths else None
     return DeadLetter(
         actor=str(own.get(H_ACTOR, actor)),
         envelope=envelope,
@@ -377,4 +454,5 @@ def _dead_letter(actor: str, message: AbstractIncomingMessage) -> DeadLetter:
         origin_routing_key=str(own.get(H_ORIGIN_ROUTING_KEY, x_key)),
         dead_lettered_at=when,
         reply_to=message.reply_to,
+        authenticated=keys is not None and verify(keys, envelope, message.body),
     )

@@ -6,6 +6,10 @@ dead-letter queue, acts on the ones that match, and puts every other letter back
 
 A replayed letter is published to its original destination with a publisher confirm, and only
 then removed from its dead-letter queue: a crash in between duplicates the message, never loses it.
+
+The tool trusts only what the service wrote: a letter is replayed only when its MAC verifies
+(anyone who could write to ``ggt.dlx`` could plant one), only to the service's own exchanges and
+routing keys whatever its origin headers say, and its counters are read clamped at ≥ 0.
 """
 
 from __future__ import annotations
@@ -30,7 +34,17 @@ from messages.codec import (
     H_RETRY_DELAY_MS,
     Envelope,
 )
-from messages.routing import ACTORS, COMMANDS_EXCHANGE, actor_routing_key, dead_letter_queue, queue_name
+from messages.routing import (
+    ACTORS,
+    COMMANDS_EXCHANGE,
+    COORDINATOR,
+    REQUESTS_EXCHANGE,
+    ROUTING_KEYS,
+    actor_routing_key,
+    dead_letter_queue,
+    queue_name,
+    tenant_of_request,
+)
 
 #: replays of one message an operator may make before the tool refuses (a message that keeps
 #: failing after three fresh starts needs a fix, not a fourth try)
@@ -88,10 +102,6 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-#: the name the replay API promises; one struct serves replay and purge
-ReplayOutcome = Outcome
-
-
 # ------------------------------------------------------------------------------------- pure core
 
 
@@ -142,18 +152,38 @@ def destination(letter: DeadLetter) -> tuple[str, str]:
     """Where a replay goes: the letter's original exchange and routing key.
 
     A letter without a recorded origin (published by hand into the DLQ) goes back to the queue of
-    the actor it was dead-lettered by, through that actor's own routing key.
+    the actor it was dead-lettered by, through that actor's own routing key. A signed request from
+    the public ingress goes straight to the coordinator's queue: its MAC keeps its owner and replay
+    count, which the ingress would drop.
     """
+    if letter.origin_exchange == REQUESTS_EXCHANGE and letter.authenticated:
+        return COMMANDS_EXCHANGE, actor_routing_key(COORDINATOR)
     if letter.origin_routing_key:
         return letter.origin_exchange, letter.origin_routing_key
     return COMMANDS_EXCHANGE, actor_routing_key(letter.actor)
 
 
+def is_service_destination(exchange: str, routing_key: str) -> bool:
+    """Whether a replay may publish there: a command key or ``actor.<actor>`` on ggt.commands, or
+    ``convert.<tenant>`` on ggt.requests — never events, reply queues or anything else."""
+    if exchange == COMMANDS_EXCHANGE:
+        return routing_key in ROUTING_KEYS.values() or routing_key in {actor_routing_key(a) for a in ACTORS}
+    return exchange == REQUESTS_EXCHANGE and tenant_of_request(routing_key) is not None
+
+
 def refusal(letter: DeadLetter, *, max_replays: int) -> str:
     """Why ``letter`` may not be replayed again, or ``""`` when it may."""
+    if not letter.authenticated:
+        return ("not written by the service: no valid ggt-mac under this GGT_BUS_KEY (forged, or signed with a "
+                "key this tool does not hold — add it to GGT_BUS_KEYS_PREVIOUS); purge it")
     done = letter.envelope.replays
     if done >= max_replays:
         return f"replayed {done} times already (cap {max_replays}; raise --max-replays or purge it)"
+    exchange, routing_key = destination(letter)
+    if not is_service_destination(exchange, routing_key):
+        return (f"its origin {exchange or '(default exchange)'}/{routing_key} is not one of the service's "
+                "destinations (ggt.commands command keys or actor.<actor>, ggt.requests convert.<tenant>); "
+                "purge it")
     return ""
 
 

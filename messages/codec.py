@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from datetime import UTC, datetime
 
 import msgspec
 
-from messages.types import TYPES_BY_NAME, Base, Message, type_name
+from messages.types import TYPES_BY_NAME, Base, JobId, Message, ReplyTo, type_name
 
 #: MAJOR.MINOR of the wire contract. A newer MINOR only adds optional fields; a newer MAJOR is refused.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = 1
 CONTENT_TYPE = "application/json"
 
@@ -30,10 +31,15 @@ H_ORIGIN_EXCHANGE = "ggt-origin-exchange"
 H_ORIGIN_ROUTING_KEY = "ggt-origin-routing-key"
 H_FIRST_FAILURE = "ggt-first-failure"
 H_DEAD_LETTERED_AT = "ggt-dead-lettered-at"
+#: the tenant that owns the job a message is about; set by the bus, covered by the MAC
+H_OWNER = "ggt-owner"
+#: HMAC-SHA256 of an internal command (bus/auth.py); only the service's key makes it
+H_MAC = "ggt-mac"
 
 _encoder = msgspec.json.Encoder()
 _union_decoder = msgspec.json.Decoder(Message)
 _decoders = {name: msgspec.json.Decoder(cls) for name, cls in TYPES_BY_NAME.items()}
+_hints_decoder = msgspec.json.Decoder()
 _FIELD_RE = re.compile(r"- at `\$(?P<path>[^`]*)`")
 _NAMED_RE = re.compile(r"field `(?P<name>[^`]+)`")
 
@@ -63,13 +69,46 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def attempt(self) -> int:
-        """1 for the first delivery through our retry path, 2 after the first retry, …"""
-        return int(self.headers.get(H_ATTEMPT, 1))
+        """1 for the first delivery through our retry path, 2 after the first retry, … (never below 0)."""
+        return header_count(self.headers, H_ATTEMPT, default=1)
 
     @property
     def replays(self) -> int:
-        """How often an operator replayed this message from a dead-letter queue."""
-        return int(self.headers.get(H_REPLAYS, 0))
+        """How often an operator replayed this message from a dead-letter queue (never below 0)."""
+        return header_count(self.headers, H_REPLAYS, default=0)
+
+    @property
+    def owner(self) -> str:
+        """The tenant owning the message's job; "" when the message names none."""
+        value = self.headers.get(H_OWNER, "")
+        return value if isinstance(value, str) else ""
+
+
+def header_count(headers: dict[str, str | int], name: str, *, default: int) -> int:
+    """A counter header as an int clamped at ≥ 0 (a negative one would defeat a cap); junk → ``default``."""
+    try:
+        return max(0, int(headers.get(name, default)))
+    except (TypeError, ValueError):
+        return default
+
+
+def header_time(value: object) -> datetime | None:
+    """A time header (ISO 8601) as an aware datetime; None for a missing or unreadable one (a letter's
+    headers may be anyone's: junk must not stop the tool that reads them)."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def request_message_id(owner: str, body: bytes) -> str:
+    """The stable id of a request published without one: the same body from the same owner is the same
+    message, so a redelivery after a crash becomes the same job."""
+    return hashlib.sha256(owner.encode() + b"\n" + body).hexdigest()[:32]
 
 
 def new_id() -> str:
@@ -145,6 +184,41 @@ def decode(body: bytes, *, type_name_hint: str | None = None, schema: str | None
         raise DecodeError(reason, field=path) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("body is nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # whatever else a hostile body provokes
+        raise DecodeError(f"body cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+class RequestHints(msgspec.Struct, frozen=True, kw_only=True):
+    """What an undecodable request still says validly: the job it names and where to reply."""
+
+    job_id: JobId
+    reply_to: ReplyTo | None = None
+
+
+def request_hints(body: bytes) -> RequestHints | None:
+    """The valid ``job_id`` (and ``reply_to``) of a body that is a JSON object; None when it names none.
+
+    Lets the service answer a request that cannot become a job (``"format": "mp5"``).
+    """
+    if len(body) > MAX_BODY_BYTES:
+        return None
+    try:
+        raw = _hints_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("job_id"), str):
+        return None
+    reply_to = raw.get("reply_to")
+    try:
+        return msgspec.convert({"job_id": raw["job_id"], "reply_to": reply_to if isinstance(reply_to, str) else None},
+                               RequestHints)
+    except msgspec.ValidationError:
+        try:  # a bad reply_to does not hide the job's events
+            return msgspec.convert({"job_id": raw["job_id"]}, RequestHints)
+        except msgspec.ValidationError:
+            return None
 
 
 def to_builtins(message: Base) -> dict:

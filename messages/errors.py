@@ -19,15 +19,27 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_URL = "unsupported_url"
     NO_MEDIA_FOUND = "no_media_found"
     MEDIA_UNAVAILABLE = "media_unavailable"
+    LOGIN_REQUIRED = "login_required"
+    MEMBERS_ONLY = "members_only"
+    AGE_RESTRICTED = "age_restricted"
+    GEO_BLOCKED = "geo_blocked"
+    RATE_LIMITED = "rate_limited"
+    BOT_CHECK = "bot_check"
+    MEDIA_REMOVED = "media_removed"
+    SOURCE_REFUSED = "source_refused"
     TOO_LONG = "too_long"
     TOO_LARGE = "too_large"
+    SOURCE_TOO_LARGE = "source_too_large"
     LIVE_NOT_SUPPORTED = "live_not_supported"
     CONVERSION_FAILED = "conversion_failed"
     UPLOAD_FAILED = "upload_failed"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    STORAGE_MISCONFIGURED = "storage_misconfigured"
     VERIFICATION_FAILED = "verification_failed"
     TIMEOUT = "timeout"
     UNDECODABLE_MESSAGE = "undecodable_message"
+    UNAUTHENTICATED_MESSAGE = "unauthenticated_message"
+    FORBIDDEN_DESTINATION = "forbidden_destination"
     INTERNAL = "internal"
 
 
@@ -55,12 +67,46 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.MEDIA_UNAVAILABLE: ErrorSpec(
         "The media could not be fetched (removed, private, or the server refused); check the URL.", True
     ),
+    ErrorCode.LOGIN_REQUIRED: ErrorSpec(
+        "The media is private or needs a signed-in account; ask its owner to make it public, or an operator "
+        "can give the service a cookies file of an account that may see it.", False
+    ),
+    ErrorCode.MEMBERS_ONLY: ErrorSpec(
+        "The media is for the channel's paying members only; it needs the cookies of a member's account.", False
+    ),
+    ErrorCode.AGE_RESTRICTED: ErrorSpec(
+        "The site asks to confirm the viewer's age; it needs the cookies of an age-verified account.", False
+    ),
+    ErrorCode.GEO_BLOCKED: ErrorSpec(
+        "The media is not available from the service's location; an operator can route fetches through an "
+        "egress proxy in a country where it is available.", False
+    ),
+    ErrorCode.RATE_LIMITED: ErrorSpec(
+        "The site is rate-limiting this service's address (HTTP 429 or 'try again later'); the job is retried "
+        "later. Operators: fewer jobs per site, or another egress address.", True
+    ),
+    ErrorCode.BOT_CHECK: ErrorSpec(
+        "The site asks to prove the viewer is not a bot; retrying from the same address does not help. "
+        "Operators: configure a cookies file or a PO-token provider plugin (docs/DEPLOY.md).", False
+    ),
+    ErrorCode.MEDIA_REMOVED: ErrorSpec(
+        "The media was removed or never existed (404/410, deleted, account terminated); check the URL.", False
+    ),
+    ErrorCode.SOURCE_REFUSED: ErrorSpec(
+        "The site refused the media URLs even after they were resolved again (HTTP 403/410): they are bound "
+        "to another address or expire at once. Operators: let every actor leave from one address "
+        "(GGT_EGRESS_PROXY, docs/DEPLOY.md).", False
+    ),
     ErrorCode.TOO_LONG: ErrorSpec(
         "The media is longer than this service's limit; clip it with start/end or use a shorter source.",
         False,
     ),
     ErrorCode.TOO_LARGE: ErrorSpec(
         "The output would exceed the maximum file size; pick a lower quality or clip the source.", False
+    ),
+    ErrorCode.SOURCE_TOO_LARGE: ErrorSpec(
+        "The source is larger than this service fetches for one job (for its duration, or at all: "
+        "GGT_MAX_SOURCE_BYTES); clip it with start/end or use a smaller source.", False
     ),
     ErrorCode.LIVE_NOT_SUPPORTED: ErrorSpec(
         "Live streams cannot be converted; try again once the broadcast has ended.", False
@@ -75,16 +121,32 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
         "Object storage did not answer; the job is retried, or can be replayed from the dead-letter queue.",
         True,
     ),
+    ErrorCode.STORAGE_MISCONFIGURED: ErrorSpec(
+        "Object storage refused the service's configuration (bucket, credentials, region or endpoint); "
+        "an operator must fix it — `getgoodtape check` says what. Retrying cannot help until then.",
+        False,
+    ),
     ErrorCode.VERIFICATION_FAILED: ErrorSpec(
-        "The stored file did not match what was produced (size, checksum, codec or duration); "
-        "it was deleted. Retry, and check the source is complete.",
-        True,
+        "The stored file did not match what was produced (size, checksum, container, codec or duration); "
+        "it was deleted. A media mismatch repeats on every run (check the source is complete); retryable "
+        "only when storage lost or changed the bytes.",
+        False,
     ),
     ErrorCode.TIMEOUT: ErrorSpec(
         "The job ran past its time limit and was stopped; use a shorter source or a lower quality.", False
     ),
     ErrorCode.UNDECODABLE_MESSAGE: ErrorSpec(
         "The message could not be decoded; fix the publisher (see docs/MESSAGES.md). It was dead-lettered.",
+        False,
+    ),
+    ErrorCode.UNAUTHENTICATED_MESSAGE: ErrorSpec(
+        "An internal command arrived without a valid MAC (only the service, holding GGT_BUS_KEY, may send "
+        "them; outside systems publish ConvertRequested to ggt.requests). It was dead-lettered; no job was touched.",
+        False,
+    ),
+    ErrorCode.FORBIDDEN_DESTINATION: ErrorSpec(
+        "An upload URL did not point at this service's storage endpoint, bucket and key prefix; "
+        "nothing was sent. The command was refused.",
         False,
     ),
     ErrorCode.INTERNAL: ErrorSpec(
@@ -129,6 +191,7 @@ class HttpErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_STREAMS = "too_many_streams"
     JOB_NOT_FOUND = "job_not_found"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -144,6 +207,7 @@ HTTP_ERRORS: dict[HttpErrorCode, str] = {
     HttpErrorCode.INVALID_REQUEST: "The request is not valid: check the named field against docs/API.md.",
     HttpErrorCode.UNAUTHORIZED: "A valid API key is required: send it as 'Authorization: Bearer <key>'.",
     HttpErrorCode.RATE_LIMITED: "Too many requests for this key or address; wait for Retry-After seconds.",
+    HttpErrorCode.TOO_MANY_STREAMS: "Too many open event streams for this key; close one first.",
     HttpErrorCode.JOB_NOT_FOUND: "No job with this id is known.",
     HttpErrorCode.NOT_FOUND: "No such endpoint; see /api/openapi.json.",
     HttpErrorCode.METHOD_NOT_ALLOWED: "This endpoint does not accept that method.",

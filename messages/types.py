@@ -15,8 +15,14 @@ from messages.errors import Error
 
 # ---------------------------------------------------------------------------------------- scalars
 
+#: A job id's characters, the one home of the rule (match it whole, e.g. ``re.fullmatch``); storage/keys.py
+#: repeats it because storage imports no project package, and tests/test_messages.py checks the two agree.
+JOB_ID_SHAPE = r"[A-Za-z0-9][A-Za-z0-9_-]{7,63}"
 #: A job id: client-supplied or generated; safe in object keys, routing keys and URLs.
-JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$", description="job id")]
+#: ``$(?!\n)``: a bare ``$`` also matches before a trailing newline, which would let "id\n" through.
+JobId = Annotated[str, msgspec.Meta(pattern="^" + JOB_ID_SHAPE + r"$(?!\n)", description="job id")]
+#: A tenant (an API key's or an integrator broker user's owner name); one routing-key word.
+TenantId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$(?!\n)", description="tenant id")]
 #: A source URL as the user gave it; the scheme is checked by the coordinator, the host by the guard.
 SourceUrl = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, description="media or page URL")]
 #: A presigned URL handed to an actor that holds no credentials.
@@ -28,11 +34,43 @@ Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 ByteCount = Annotated[int, msgspec.Meta(ge=0)]
 #: A queue name to send the final event to (AMQP reply-to convention, default exchange).
-ReplyTo = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ReplyTo = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:-]+$(?!\n)")]
 IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+
+#: The URL schemes a user's URL and every URL a plan names may use; the one home of the http(s)
+#: rule (``HttpUrl`` below says the same as a pattern).
+HTTP_SCHEMES = frozenset({"http", "https"})
+#: (These internal patterns end in ``\Z``: ``$`` would also accept a trailing newline.)
+#: An http(s) URL: the only kind of input a plan may name (no file:, pipe:, concat:, data:, subfile: …);
+#: no whitespace, control characters or backslashes, which URL parsers split differently.
+HttpUrl = Annotated[
+    str, msgspec.Meta(min_length=8, max_length=8192, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7f\\]+\Z")
+]
+#: An HTTP header name (an RFC 9110 token) and value (no CR, LF or other control characters).
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")]
+HeaderValue = Annotated[str, msgspec.Meta(max_length=8192, pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*\Z")]
+#: Most headers one input may carry.
+MAX_HEADERS = 32
+Headers = Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=MAX_HEADERS)]
+#: A metadata tag's text: plain characters only (no control characters), bounded.
+TagText = Annotated[str, msgspec.Meta(max_length=1024, pattern=r"^[^\x00-\x1f\x7f]*\Z")]
+#: A bitrate in kbit/s and a picture height in pixels, bounded to what any output can use.
+Kbps = Annotated[int, msgspec.Meta(ge=8, le=200_000)]
+Height = Annotated[int, msgspec.Meta(ge=16, le=8640)]
+#: A yt-dlp format selector such as ``137+140`` or ``hls-1080p``: never an option.
+FormatSelector = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^(?:[A-Za-z0-9_.+/=:][A-Za-z0-9_.+/=:-]*)?\Z")]
 
 #: Most part URLs one StreamToStorage may carry; the part size grows to fit the size cap instead.
 MAX_PART_URLS = 256
+#: Bounds of the Range size the guard fetches an input in (yt-dlp's ``http_chunk_size``; YouTube asks 10 MiB)
+MIN_RANGE_CHUNK = 256 * 1024
+MAX_RANGE_CHUNK = 256 * 1024 * 1024
+#: Bytes of one Range request upstream; 0 fetches the input in one request
+RangeChunk = Annotated[int, msgspec.Meta(ge=0, le=MAX_RANGE_CHUNK)]
+#: Most times one plan's inputs are re-resolved (refused or expired URLs) before the job fails
+MAX_RESOLUTIONS = 2
+#: A point in time, ISO 8601 with its offset (``2026-12-02T06:30:00+00:00``), or "" for unknown
+Timestamp = Annotated[str, msgspec.Meta(max_length=40, pattern=r"^(\d{4}-\d\d-\d\dT[0-9:.]+(?:Z|[+-]\d\d:\d\d))?\Z")]
 
 
 class Format(enum.StrEnum):
@@ -73,7 +111,8 @@ class Quality(enum.StrEnum):
 
 
 class Stage(enum.StrEnum):
-    """Where a job is. Progress: preparing 0–35 %, converting/uploading 35–80 %, verifying 80–100 %."""
+    """Where a job is: the stages follow in this order, and failed may follow any. Progress: preparing
+    0–35 %, converting (and uploading) 35–80 %, verifying 80–95 %, finishing 95–100 %."""
 
     QUEUED = "queued"
     PREPARING = "preparing"
@@ -82,6 +121,11 @@ class Stage(enum.StrEnum):
     FINISHING = "finishing"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+#: the stages in the order a job passes them (the one home of that order); ``failed`` can follow any
+STAGE_ORDER: tuple[Stage, ...] = (Stage.QUEUED, Stage.PREPARING, Stage.CONVERTING, Stage.VERIFYING,
+                                  Stage.FINISHING, Stage.COMPLETED)
 
 
 class UploadMode(enum.StrEnum):
@@ -116,7 +160,7 @@ class Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 class ConvertRequested(Base, tag="convert_requested"):
     """Convert the media at ``url`` into ``format`` and store it; the one message other systems send.
 
-    Publish to exchange ``ggt.commands`` with routing key ``convert``; see docs/MESSAGES.md.
+    Publish to exchange ``ggt.requests`` with routing key ``convert.<tenant>``; see docs/MESSAGES.md.
     """
 
     url: SourceUrl
@@ -183,39 +227,90 @@ class JobFailed(Base, tag="job_failed"):
 
 
 class MediaInput(Base, tag="media_input"):
-    """One input of the ffmpeg plan."""
+    """One input of the plan: an http(s) URL ffmpeg opens, or a page yt-dlp feeds into ffmpeg's stdin."""
 
-    url: SignedUrl
+    url: HttpUrl
     via: InputVia = InputVia.FFMPEG
     #: HTTP headers yt-dlp says the site needs (User-Agent, Cookie, Referer …)
-    headers: dict[str, str] = {}
+    headers: Headers = {}
     #: what ffmpeg should take from this input
     kind: Annotated[str, msgspec.Meta(pattern=r"^(av|audio|video)$")] = "av"
-    #: yt-dlp format selector for a piped input (``-f``), e.g. "137+140"; empty for ffmpeg inputs
-    format_id: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    #: yt-dlp format selector: for a piped input the feeder's ``-f`` (e.g. "137+140"); for an ffmpeg
+    #: input the format whose URL this is, so a re-resolution finds the same format again
+    format_id: FormatSelector = ""
+    #: ffmpeg reads this input as an HLS playlist (segments and keys over http(s) too)
+    hls: bool = False
+    #: the guard fetches this input in Range requests of this many bytes (the site's
+    #: ``downloader_options.http_chunk_size``: it throttles long single requests); 0 = one request
+    range_chunk: RangeChunk = 0
+
+
+class AudioEncoding(Base, tag="audio_encoding"):
+    """How the audio stream is written: copied, or encoded with the format's encoder at ``kbps``."""
+
+    #: index into the plan's inputs
+    input: Annotated[int, msgspec.Meta(ge=0, le=1)]
+    copy: bool = False
+    #: CBR bitrate of the encoder; None for lossless formats (FLAC, WAV) and copies
+    kbps: Kbps | None = None
+
+
+class VideoEncoding(Base, tag="video_encoding"):
+    """How the video stream is written: copied, or encoded with the format's encoder, scaled and capped."""
+
+    #: index into the plan's inputs
+    input: Annotated[int, msgspec.Meta(ge=0, le=1)]
+    copy: bool = False
+    #: scale down to at most this height (never up); None keeps the source's height
+    max_height: Height | None = None
+    #: bitrate cap of the encoder
+    kbps: Kbps | None = None
+
+
+class Tags(Base, tag="tags"):
+    """Metadata written into the output, as plain values."""
+
+    title: TagText = ""
+    artist: TagText = ""
+    #: YYYY-MM-DD when known
+    date: TagText = ""
+    #: the source URL
+    comment: TagText = ""
 
 
 class MediaPlan(Base, tag="media_plan"):
-    """What the converter decided: inputs, the ffmpeg arguments, and what to expect of the output."""
+    """What the converter decided, as typed values; the uploader builds ffmpeg's argv from it itself."""
 
-    inputs: list[MediaInput]
-    #: ffmpeg arguments after the inputs: maps, codecs, filters, metadata, muxer options (no output)
-    output_args: list[str]
-    #: arguments before each input (seek, headers), one list per input
-    input_args: list[list[str]]
+    inputs: Annotated[list[MediaInput], msgspec.Meta(min_length=1, max_length=2)]
     format: Format
     quality: Quality
     content_type: str
     extension: str
-    #: duration the output should have, in seconds
+    #: duration the output should have, in seconds; 0 when the source's is unknown
     duration: Seconds
     #: the most bytes this output may have (ffmpeg -fs); part URLs are presigned to cover it
     max_bytes: ByteCount
+    audio: AudioEncoding | None = None
+    video: VideoEncoding | None = None
+    #: where reading starts in the source (ffmpeg -ss before each input), seconds
+    start: Seconds = 0
+    #: the most seconds of output (ffmpeg -t); None leaves the bound to -fs and the time limit
+    max_seconds: Seconds | None = None
+    #: tags to write; None writes none (the source's own tags are never copied)
+    tags: Tags | None = None
     estimated_bytes: ByteCount = 0
     title: ShortText = ""
     #: codec names ffprobe should find in the output, e.g. {"audio": "mp3"}
     expect_codecs: dict[str, str] = {}
-    thumbnail_url: SignedUrl | None = None
+    #: cover art to embed (mp3): fetched by the uploader within a byte and pixel budget
+    thumbnail_url: HttpUrl | None = None
+    #: the page the inputs were resolved from, re-resolved when their URLs are refused or expired
+    source_url: HttpUrl | None = None
+    #: when the inputs' URLs were resolved, and when the earliest of them expires ("" if the site does not say)
+    resolved_at: Timestamp = ""
+    expires_at: Timestamp = ""
+    #: how many times the inputs were re-resolved (bounded by MAX_RESOLUTIONS)
+    resolutions: Annotated[int, msgspec.Meta(ge=0, le=MAX_RESOLUTIONS)] = 0
 
 
 class PartUpload(Base, tag="part_upload"):
@@ -313,14 +408,21 @@ class Verified(Base, tag="verified"):
     ok: bool
     problems: list[ShortText] = []
     duration: Seconds = 0
+    #: whether a fresh run could get another verdict: the object differs from what was streamed
+    #: (size, ETag, missing: storage lost or changed bytes); never for a media mismatch (container,
+    #: codec, duration against what ffmpeg reported producing), which every run repeats
+    retryable: bool = False
 
 
 class RenewUpload(Base, tag="renew_upload"):
-    """Uploader → coordinator: the upload URLs it got are stale (a replayed or expired command); send fresh ones."""
+    """Uploader → coordinator: the upload URLs it got are stale (a replayed or expired command), or the
+    upload was aborted after the source refused its URLs mid-stream; send fresh ones (for ``plan``, if given)."""
 
     job_id: JobId
     key: ObjectKey
     reason: ShortText = ""
+    #: the job's plan with freshly resolved input URLs, when the old ones were refused mid-stream
+    plan: MediaPlan | None = None
 
 
 class StepFailed(Base, tag="step_failed"):

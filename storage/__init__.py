@@ -1,6 +1,6 @@
 """Object storage over aiobotocore: presigning, multipart control, head, stats, job records, embedded S3."""
 
-from storage.errors import StorageError, StorageUnavailable, WriteConflict
+from storage.errors import StorageError, StorageMisconfigured, StorageUnavailable, WriteConflict
 from storage.jobs import JobStore
 from storage.keys import content_disposition, job_record_key, multipart_etag, object_key
 from storage.s3 import ObjectInfo, Storage, StorageConfig, StorageStats, UploadInfo
@@ -11,6 +11,7 @@ __all__ = [
     "Storage",
     "StorageConfig",
     "StorageError",
+    "StorageMisconfigured",
     "StorageStats",
     "StorageUnavailable",
     "UploadInfo",

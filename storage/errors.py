@@ -1,4 +1,4 @@
-"""The two storage failures callers tell apart; everything else surfaces as botocore's ClientError."""
+"""The storage failures callers tell apart; everything else surfaces as botocore's ClientError."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ class StorageError(Exception):
 
 class StorageUnavailable(StorageError):
     """Storage cannot be reached or answers 5xx after botocore's retries; worth retrying later."""
+
+
+class StorageMisconfigured(StorageError):
+    """Storage refused the configuration (bucket, credentials, region, endpoint): retrying cannot help."""
 
 
 class WriteConflict(StorageError):

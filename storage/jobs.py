@@ -1,4 +1,5 @@
-"""Job records: one small JSON document per job under ``jobs/<job id>.json`` in the bucket.
+"""Job records: one small JSON document per job under ``jobs/<owner>/<job id>.json`` in the bucket
+(``jobs/<job id>.json`` for the default tenant, ``owner=""``).
 
 Durable, shared by coordinator replicas, and it survives restarts without another server. Records
 are bytes in, bytes out: the record's type lives with the coordinator (actors/), not here.
@@ -24,18 +25,18 @@ class JobStore:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
-    async def load(self, job_id: str) -> tuple[bytes, str] | None:
-        """The record's bytes and ETag, or None for an unknown job."""
-        return await self._storage.get_json(job_record_key(job_id))
+    async def load(self, job_id: str, *, owner: str = "") -> tuple[bytes, str] | None:
+        """The record's bytes and ETag, or None for a job unknown to this owner."""
+        return await self._storage.get_json(job_record_key(job_id, owner=owner))
 
-    async def save(self, job_id: str, data: bytes, *, etag: str | None) -> str:
+    async def save(self, job_id: str, data: bytes, *, etag: str | None, owner: str = "") -> str:
         """Write the record and return its new ETag.
 
         ``etag=None`` creates the record (WriteConflict if one exists); otherwise the write only
         replaces the version with that ETag (WriteConflict if another writer got there first:
         load again, re-apply, save again).
         """
-        key = job_record_key(job_id)
+        key = job_record_key(job_id, owner=owner)
         if etag is None:
             return await self._storage.put_json(key, data, if_none_match=True)
         return await self._storage.put_json(key, data, if_match=etag)

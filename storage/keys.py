@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 #: Same shape as messages.types.JobId (storage imports no project package, so it is repeated here).
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
+#: Same shape as messages.types.TenantId: a job's owner, one path segment of its record's key.
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 #: A file extension as the server writes it: lower-case letters and digits, no dot.
 EXTENSION_PATTERN = re.compile(r"^[a-z0-9]{1,8}$")
 #: A key nonce: lower-case hex.
@@ -25,6 +27,8 @@ CONVERTED_PREFIX = "converted/"
 JOBS_PREFIX = "jobs/"
 #: Longest filename offered in a Content-Disposition, in characters (browsers cut longer names).
 MAX_FILENAME_CHARS = 200
+#: Characters kept of a title in the download filename.
+FILENAME_CHARS = 120
 
 
 def object_key(job_id: str, extension: str, *, now: datetime, nonce: str = "") -> str:
@@ -43,11 +47,14 @@ def object_key(job_id: str, extension: str, *, now: datetime, nonce: str = "") -
     return f"{CONVERTED_PREFIX}{now.year:04d}/{now.month:02d}/{name}.{extension}"
 
 
-def job_record_key(job_id: str) -> str:
-    """The key of a job's record: ``jobs/<job id>.json``; raises ValueError for a bad job id."""
+def job_record_key(job_id: str, *, owner: str = "") -> str:
+    """The key of a job's record: ``jobs/<owner>/<job id>.json``, or ``jobs/<job id>.json`` without
+    an owner (the default tenant, as before tenants); raises ValueError for a bad job id or owner."""
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
-    return f"{JOBS_PREFIX}{job_id}.json"
+    if owner and not TENANT_PATTERN.fullmatch(owner):
+        raise ValueError(f"not a tenant: {owner!r}")
+    return f"{JOBS_PREFIX}{owner}/{job_id}.json" if owner else f"{JOBS_PREFIX}{job_id}.json"
 
 
 def format_of_key(key: str) -> str | None:
@@ -68,6 +75,19 @@ def multipart_etag(part_etags: Iterable[str]) -> str:
     """The ETag S3 gives a completed multipart upload: md5 of the binary part md5s, then ``-N``."""
     digests = [bytes.fromhex(strip_etag(etag)) for etag in part_etags]
     return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def safe_title(title: str, job_id: str) -> str:
+    """A title fit to be a filename (no path, control or shell-special characters, at most
+    ``FILENAME_CHARS``), or the job id when nothing of it is left."""
+    clean = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", " ", title)
+    clean = re.sub(r"\s+", " ", clean).strip(" .")[:FILENAME_CHARS].strip()
+    return clean or job_id
+
+
+def download_filename(title: str, extension: str, job_id: str) -> str:
+    """A friendly, safe filename for the download: ``safe_title`` plus the extension."""
+    return f"{safe_title(title, job_id)}.{extension}"
 
 
 def content_disposition(filename: str) -> str:

@@ -7,6 +7,7 @@ through the presigned URLs it hands out; the coordinator uses the rest (complete
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from datetime import datetime
@@ -19,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from storage.errors import StorageError, StorageUnavailable, WriteConflict
+from storage.errors import StorageError, StorageMisconfigured, StorageUnavailable, WriteConflict
 from storage.keys import CONVERTED_PREFIX, content_disposition, format_of_key, multipart_etag, strip_etag
 from storage.sigv4 import QuerySigner
 
@@ -125,17 +126,81 @@ def http_status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+#: S3 error codes that mean the configuration is wrong, with what to check; retrying cannot help
+MISCONFIGURATION_HINTS: dict[str, str] = {
+    "NoSuchBucket": "the bucket does not exist: create it, or fix GGT_S3_BUCKET",
+    "InvalidBucketName": "the bucket name is not valid: fix GGT_S3_BUCKET",
+    "AccessDenied": "the credentials may not use this bucket: grant the key access to it "
+                    "(docs/DEPLOY.md lists the permissions), or fix GGT_S3_ACCESS_KEY_ID",
+    "AllAccessDisabled": "all access to this bucket is disabled: check the bucket with your provider",
+    "InvalidAccessKeyId": "the access key is not known to this store: fix GGT_S3_ACCESS_KEY_ID "
+                          "(and that GGT_S3_ENDPOINT is the store that issued it)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: fix GGT_S3_SECRET_ACCESS_KEY",
+    "InvalidToken": "the credentials are not valid: fix GGT_S3_ACCESS_KEY_ID / GGT_S3_SECRET_ACCESS_KEY",
+    "ExpiredToken": "the credentials have expired: issue new ones",
+    "AuthorizationHeaderMalformed": "the region is wrong for this bucket: fix GGT_S3_REGION",
+    "IllegalLocationConstraintException": "the region is wrong for this bucket: fix GGT_S3_REGION",
+    "PermanentRedirect": "the bucket lives in another region or endpoint: fix GGT_S3_REGION / GGT_S3_ENDPOINT",
+    "AccountProblem": "the storage account has a problem: check it with your provider",
+}
+#: bare HTTP statuses (HEAD answers carry no error body) that mean the same on a bucket-level call
+_MISCONFIGURED_STATUS_HINTS: dict[int, str] = {
+    301: MISCONFIGURATION_HINTS["PermanentRedirect"],
+    403: "the credentials are refused for this bucket: check GGT_S3_ACCESS_KEY_ID, "
+         "GGT_S3_SECRET_ACCESS_KEY and the key's permissions",
+    404: MISCONFIGURATION_HINTS["NoSuchBucket"],
+}
+
+
+def storage_failure(code: str, status: int, *, bucket_call: bool = False) -> tuple[str, str] | None:
+    """How a storage error answer counts: ("misconfigured", what to check), ("unavailable", why), or
+    None for an answer the caller handles itself (a missing key, a lost condition).
+
+    ``bucket_call``: the answer came from a bucket-level call (HeadBucket), whose bare 403/404/301
+    statuses speak about the bucket, not about one object.
+    """
+    if code in MISCONFIGURATION_HINTS:
+        return "misconfigured", MISCONFIGURATION_HINTS[code]
+    if bucket_call and code in ("", str(status)) and status in _MISCONFIGURED_STATUS_HINTS:
+        return "misconfigured", _MISCONFIGURED_STATUS_HINTS[status]
+    if code in ("403", "Forbidden") and status == 403:
+        return "misconfigured", _MISCONFIGURED_STATUS_HINTS[403]
+    if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+        return "unavailable", f"storage failed: {code or status} ({status})"
+    return None
+
+
+def misconfigured_message(hint: str, code: str, *, bucket: str, endpoint: str) -> str:
+    """The operator's message: what the store said, about which bucket at which endpoint, what to check."""
+    return (f"storage refused the configuration: {code} for bucket {bucket!r} at {endpoint or 'AWS S3'}; "
+            f"{hint} (run `getgoodtape check` to test the settings)")
+
+
 @contextlib.contextmanager
-def _unavailable_on_failure() -> Iterator[None]:
-    """Turn connection failures and 5xx answers (after botocore's retries) into StorageUnavailable."""
+def _unavailable_on_failure(config: StorageConfig | None = None, *, bucket_call: bool = False) -> Iterator[None]:
+    """Turn connection failures and 5xx answers (after botocore's retries) into StorageUnavailable,
+    and answers that mean a wrong configuration into StorageMisconfigured."""
     try:
         yield
     except (BotoConnectionError, HTTPClientError) as exc:
-        raise StorageUnavailable(f"storage unreachable: {exc}") from exc
+        where = f" ({config.endpoint})" if config is not None else ""
+        raise StorageUnavailable(f"storage unreachable{where}: {exc}") from exc
     except ClientError as exc:
-        if http_status(exc) >= 500:
-            raise StorageUnavailable(f"storage failed: {error_code(exc)} ({http_status(exc)})") from exc
-        raise
+        verdict = storage_failure(error_code(exc), http_status(exc), bucket_call=bucket_call)
+        if verdict is None:
+            raise
+        kind, text = verdict
+        if kind == "unavailable":
+            raise StorageUnavailable(text) from exc
+        raise StorageMisconfigured(misconfigured_message(
+            text, error_code(exc) or str(http_status(exc)),
+            bucket=config.bucket if config else "?", endpoint=config.endpoint if config else "")) from exc
+
+
+@functools.cache
+def process_session() -> AioSession:
+    """The aiobotocore session the Storages of this process share (clients are made per Storage)."""
+    return get_session()
 
 
 class Storage:
@@ -155,7 +220,9 @@ class Storage:
         session: AioSession | None = None,
     ) -> None:
         self.config = config
-        #: share one session between Storages of a process: it caches botocore's service models
+        #: one session for every Storage of a process (unless given): it caches botocore's service
+        #: models, which cost ~0.1–0.3 s to load per session (the coordinator and verifier of one
+        #: process, a coordinator's public endpoint)
         self._session = session
         self._botocore_config = client_config(
             config,
@@ -170,7 +237,7 @@ class Storage:
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
             self._client = await stack.enter_async_context(
-                (self._session or get_session()).create_client(
+                (self._session or process_session()).create_client(
                     "s3",
                     endpoint_url=self.config.endpoint,
                     region_name=self.config.region,
@@ -258,7 +325,7 @@ class Storage:
 
     async def create_multipart(self, key: str, *, content_type: str) -> str:
         """Start a multipart upload and return its upload id."""
-        with _unavailable_on_failure():
+        with _unavailable_on_failure(self.config):
             response = await self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=content_type
             )
@@ -275,7 +342,7 @@ class Storage:
             "Parts": [{"PartNumber": number, "ETag": f'"{strip_etag(etag)}"'} for number, etag in ordered]
         }
         try:
-            with _unavailable_on_failure():
+            with _unavailable_on_failure(self.config):
                 response = await self.client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=body
                 )
@@ -292,7 +359,7 @@ class Storage:
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort the upload, then confirm with ListParts that no part is left (NoSuchUpload is clean)."""
         for _ in range(ABORT_ROUNDS):
-            with _unavailable_on_failure():
+            with _unavailable_on_failure(self.config):
                 try:
                     await self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
                 except ClientError as exc:
@@ -311,7 +378,7 @@ class Storage:
     async def list_multipart_uploads(self, prefix: str = "") -> list[UploadInfo]:
         """Open multipart uploads whose key starts with ``prefix``."""
         uploads: list[UploadInfo] = []
-        with _unavailable_on_failure():
+        with _unavailable_on_failure(self.config):
             paginator = self.client.get_paginator("list_multipart_uploads")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 uploads.extend(
@@ -325,7 +392,7 @@ class Storage:
     async def head(self, key: str) -> ObjectInfo | None:
         """Size, ETag, type, time and metadata of an object, or None when there is none."""
         try:
-            with _unavailable_on_failure():
+            with _unavailable_on_failure(self.config):
                 response = await self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if error_code(exc) in _MISSING_CODES:
@@ -342,13 +409,13 @@ class Storage:
 
     async def delete(self, key: str) -> None:
         """Delete an object (no error when it does not exist)."""
-        with _unavailable_on_failure():
+        with _unavailable_on_failure(self.config):
             await self.client.delete_object(Bucket=self.bucket, Key=key)
 
     async def stats(self) -> StorageStats:
         """Converted files by format and the number of open multipart uploads (every page read)."""
         by_format: dict[str, FormatStats] = {}
-        with _unavailable_on_failure():
+        with _unavailable_on_failure(self.config):
             paginator = self.client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=CONVERTED_PREFIX):
                 for item in page.get("Contents", []):
@@ -379,7 +446,7 @@ class Storage:
         if if_none_match:
             conditions["IfNoneMatch"] = "*"
         try:
-            with _unavailable_on_failure():
+            with _unavailable_on_failure(self.config):
                 response = await self.client.put_object(
                     Bucket=self.bucket, Key=key, Body=data, ContentType=JSON_CONTENT_TYPE, **conditions
                 )
@@ -392,7 +459,7 @@ class Storage:
     async def get_json(self, key: str) -> tuple[bytes, str] | None:
         """A small document's bytes and ETag, or None when there is none."""
         try:
-            with _unavailable_on_failure():
+            with _unavailable_on_failure(self.config):
                 response = await self.client.get_object(Bucket=self.bucket, Key=key)
                 async with response["Body"] as body:
                     data = await body.read()
@@ -404,9 +471,21 @@ class Storage:
 
     # ---------------------------------------------------------------------------------- bucket
 
+    async def check_bucket(self) -> None:
+        """Raise StorageMisconfigured (no bucket, credentials refused, wrong region) or StorageUnavailable."""
+        with _unavailable_on_failure(self.config, bucket_call=True):
+            try:
+                await self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if error_code(exc) in ("301", "400", "403"):
+                    # HEAD answers carry no error body: a LIST's answer names the cause (wrong secret,
+                    # unknown key, region); when the LIST works, HEAD's own answer stands
+                    await self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                raise
+
     async def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (safe to call from every process at start-up)."""
-        with _unavailable_on_failure():
+        with _unavailable_on_failure(self.config):
             try:
                 await self.client.head_bucket(Bucket=self.bucket)
                 return

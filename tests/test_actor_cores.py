@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime, timedelta
 
-from actors.coordinator import download_filename
 from actors.jobs import enter, job_id_for, may_advance, new_record, timings
 from actors.probe import ProbeResult, ProbeStream
 from actors.uploader import feeder_argv
@@ -12,6 +12,7 @@ from actors.verifier import duration_ok, media_problems, object_problems
 from messages.errors import Error, ErrorCode
 from messages.types import ConvertRequested, InputVia, MediaInput, MediaPlan, Stage, VerifyObject
 from storage import ObjectInfo
+from storage.keys import download_filename
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 REQUEST = ConvertRequested(url="https://example.com/a", format="mp3")
@@ -96,14 +97,14 @@ def test_duration_tolerance_is_two_percent_or_half_a_second():
 def test_a_piped_input_is_fetched_by_ytdlp_with_its_format_through_the_guard_without_config():
     plan = MediaPlan(inputs=[MediaInput(url="https://e.com/watch", via=InputVia.YTDLP_PIPE, format_id="137+140",
                                         headers={"Referer": "https://e.com"})],
-                     output_args=[], input_args=[["-protocol_whitelist", "pipe"]], format="mp4", quality="720",
+                     format="mp4", quality="720",
                      content_type="video/mp4", extension="mp4", duration=10, max_bytes=1000)
     argv = feeder_argv(plan, proxy_url="http://127.0.0.1:1", timeout=7)
-    assert argv[:3] == ["yt-dlp", "--ignore-config", "--no-plugin-dirs"]
+    assert argv[:3] == [sys.executable, "-m", "actors.guard.feeder"]
     assert argv[argv.index("--proxy") + 1] == "http://127.0.0.1:1"
-    assert argv[argv.index("-f") + 1] == "137+140" and argv[argv.index("-o") + 1] == "-"
+    assert argv[argv.index("-f") + 1] == "137+140"
     assert argv[-2:] == ["--", "https://e.com/watch"]
-    no_pipe = MediaPlan(inputs=[MediaInput(url="https://e.com/a.mp4")], output_args=[], input_args=[[]],
+    no_pipe = MediaPlan(inputs=[MediaInput(url="https://e.com/a.mp4")],
                         format="mp3", quality="192", content_type="audio/mpeg", extension="mp3", duration=1,
                         max_bytes=1)
     assert feeder_argv(no_pipe, proxy_url="http://127.0.0.1:1", timeout=7) is None
@@ -123,7 +124,7 @@ def test_a_replayed_or_expiring_stream_command_is_stale():
     from actors.uploader import stale_target
     from messages.types import StreamToStorage, UploadTarget
 
-    plan = MediaPlan(inputs=[MediaInput(url="https://e.com/a.mp4")], output_args=[], input_args=[[]],
+    plan = MediaPlan(inputs=[MediaInput(url="https://e.com/a.mp4")],
                      format="mp3", quality="192", content_type="audio/mpeg", extension="mp3", duration=1,
                      max_bytes=1)
 

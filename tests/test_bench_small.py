@@ -34,6 +34,8 @@ def test_small_benchmark_measures_every_path_and_writes_report(tmp_path):
     ggt = [r for r in results.runs if r.path == "getgoodtape"]
     assert {"coordinator", "converter", "uploader", "verifier"} <= set(ggt[0].costs)
     assert all(sum(c.written for c in r.costs.values()) == 0 for r in ggt), "no temp file on the data path"
+    cli = [r for r in results.runs if r.path == "cli"]
+    assert all(r.steps["process"] >= r.steps["total"] > 0 for r in cli), "the whole process, start-up included"
     originals = [r for r in results.runs if r.path == "original"]
     assert all(r.costs["original"].written >= r.output_bytes for r in originals), "the original writes temp files"
     assert all(r.costs["relay"].peak_rss > 0 for r in results.runs if r.path == "relay")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
+from bus.auth import BusKeys, signed
 from bus.base import Bus, Delivery, Unroutable
 from messages.codec import (
     H_ACTOR,
@@ -13,13 +15,16 @@ from messages.codec import (
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
     H_FIRST_FAILURE,
+    H_MAC,
     H_ORIGIN_EXCHANGE,
     H_ORIGIN_ROUTING_KEY,
+    H_OWNER,
+    H_REPLAYS,
     encode,
     envelope_for,
 )
 from messages.errors import Error, ErrorCode
-from messages.routing import COMMANDS_EXCHANGE
+from messages.routing import COMMANDS_EXCHANGE, REQUESTS_EXCHANGE
 from messages.types import ConvertRequested, JobCompleted, JobProgress, Stage, VerifyObject
 from tests.support.buses import receiving
 
@@ -43,19 +48,20 @@ async def test_command_reaches_its_actor_with_the_envelope_intact(bus: Bus) -> N
         assert d.envelope.message_id == env.message_id
         assert d.envelope.job_id == "job-envelope-1"
         assert d.envelope.type == "verify_object"
-        assert d.envelope.schema == "1.0"
+        assert d.envelope.schema == "1.1"
         assert abs((d.envelope.created_at - env.created_at).total_seconds()) < 1.5
         assert d.body == encode(message)
         assert d.routing_key == "verify_object"
         await d.ack()
 
 
-async def test_convert_requested_goes_to_the_coordinator_on_routing_key_convert(bus: Bus) -> None:
+async def test_convert_requested_goes_to_the_coordinator_through_the_public_exchange(bus: Bus) -> None:
     await bus.publish(ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3", job_id="job-route-1"))
     async with receiving(bus, "coordinator") as got:
         d = await next_delivery(got)
-        assert d.routing_key == "convert"
+        assert (d.exchange, d.routing_key) == (REQUESTS_EXCHANGE, "convert.default")
         assert d.envelope.type == "convert_requested"
+        assert d.authenticated and d.envelope.owner == "default"
         await d.ack()
 
 
@@ -77,7 +83,8 @@ async def test_retry_returns_the_message_to_the_same_actor_with_attempt_plus_one
         assert second.envelope.message_id == env.message_id
         assert second.envelope.attempt == 2
         assert second.envelope.headers[H_ERROR_CODE] == "storage_unavailable"
-        assert second.origin() == (COMMANDS_EXCHANGE, "verify_object")
+        assert second.authenticated, "a retry copy keeps a valid MAC"
+        assert second.origin() == (COMMANDS_EXCHANGE, "actor.verifier"), "the origin is the real delivery"
         await second.ack()
 
 
@@ -152,7 +159,7 @@ async def test_events_fan_out_to_every_matching_subscriber(bus: Bus) -> None:
     done = JobCompleted(job_id="job-events-1", download_url="http://127.0.0.1/x", expires_at="2030-01-01T00:00:00Z",
                         key="converted/x.mp3", format="mp3", quality="192", content_type="audio/mpeg", size=1,
                         sha256="0" * 64, duration=1.0)
-    async with bus.subscribe("job.#") as all_events, bus.subscribe("job.*.completed") as only_completed:
+    async with bus.subscribe("job.#") as all_events, bus.subscribe("job.*.*.completed") as only_completed:
         await bus.publish(progress)
         await bus.publish(done)
         env, _ = await asyncio.wait_for(anext(all_events), WAIT)
@@ -175,3 +182,125 @@ async def test_reply_to_queue_receives_the_final_event(bus: Bus) -> None:
     async with bus.subscribe(queue=queue) as replies:
         env, body = await asyncio.wait_for(anext(replies), WAIT)
     assert env.type == "job_failed" and b"too_long" in body
+
+
+# ------------------------------------------------------------------------- trust on the bus
+
+FORGED_HEADERS: dict[str, str | int] = {
+    H_OWNER: "victim", H_ATTEMPT: -5, H_REPLAYS: -3, H_MAC: "0" * 64,
+    H_ORIGIN_EXCHANGE: "ggt.events", H_ORIGIN_ROUTING_KEY: "job.victim.x.completed",
+}
+
+
+async def test_a_public_request_is_owned_by_its_routing_key_and_loses_every_forged_header(bus: Bus) -> None:
+    request = ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3", job_id="job-public-1")
+    forged = msgspec.structs.replace(envelope_for(request, headers=FORGED_HEADERS), type="stream_to_storage")
+    await bus.publish_raw(exchange=REQUESTS_EXCHANGE, routing_key="convert.acme", body=encode(request),
+                          envelope=forged)
+    async with receiving(bus, "coordinator") as got:
+        d = await next_delivery(got)
+        assert d.authenticated
+        assert d.envelope.headers == {H_OWNER: "acme"}, "the owner is the routing key's, nothing else survives"
+        assert d.envelope.type == "convert_requested", "the public exchange carries requests only"
+        assert (d.envelope.attempt, d.envelope.replays) == (1, 0)
+        await d.ack()
+
+
+async def test_a_request_without_a_message_id_gets_the_same_id_on_every_delivery(memory_bus: Bus) -> None:
+    # memory only: aiormq stamps a random message id on every publish, so over RabbitMQ a message
+    # without one can only come from another client; ``admit`` (shared by both buses) derives it
+    bus = memory_bus
+    request = ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3")
+    bare = msgspec.structs.replace(envelope_for(request), message_id="")
+    for key in ("convert.acme", "convert.acme", "convert.other"):
+        await bus.publish_raw(exchange=REQUESTS_EXCHANGE, routing_key=key, body=encode(request), envelope=bare)
+    async with receiving(bus, "coordinator") as got:
+        ids = []
+        for _ in range(3):
+            d = await next_delivery(got)
+            ids.append(d.envelope.message_id)
+            await d.ack()
+    assert ids[0] == ids[1] and len(ids[0]) == 32, "the same body from the same owner is the same message"
+    assert ids[2] != ids[0], "another tenant's identical body is another message"
+
+
+async def test_a_request_on_a_routing_key_naming_no_valid_tenant_is_not_authenticated(bus: Bus) -> None:
+    request = ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3", job_id="job-badtenant")
+    await bus.publish_raw(exchange=REQUESTS_EXCHANGE, routing_key="convert.Not_A_Tenant!", body=encode(request),
+                          envelope=envelope_for(request))
+    async with receiving(bus, "coordinator") as got:
+        d = await next_delivery(got)
+        assert not d.authenticated and d.envelope.owner == ""
+        await d.ack()
+
+
+async def test_a_signed_command_is_authenticated_and_carries_its_owner(bus: Bus) -> None:
+    env = await bus.publish(verify("job-signed-1"), owner="acme")
+    assert H_MAC in env.headers
+    async with receiving(bus, "verifier") as got:
+        d = await next_delivery(got)
+        assert d.authenticated and d.envelope.owner == "acme"
+        await d.ack()
+
+
+@pytest.mark.parametrize("forgery", ["no mac", "wrong mac", "other key", "owner changed", "body changed"])
+async def test_a_command_without_a_valid_mac_is_unauthenticated_and_stripped(bus: Bus, forgery: str) -> None:
+    message = verify("job-forged-1")
+    body = encode(message)
+    env = envelope_for(message, headers={H_OWNER: "acme", H_REPLAYS: 2})
+    assert bus.keys is not None
+    if forgery == "wrong mac":
+        env = msgspec.structs.replace(env, headers={**env.headers, H_MAC: "0" * 64})
+    elif forgery == "other key":
+        env = signed(BusKeys.random(), env, body)
+    elif forgery == "owner changed":
+        env = signed(bus.keys, env, body)
+        env = msgspec.structs.replace(env, headers={**env.headers, H_OWNER: "victim"})
+    elif forgery == "body changed":
+        env = signed(bus.keys, env, body)
+        body = encode(verify("job-forged-2"))
+    await bus.publish_raw(exchange=COMMANDS_EXCHANGE, routing_key="verify_object", body=body, envelope=env)
+    async with receiving(bus, "verifier") as got:
+        d = await next_delivery(got)
+        assert not d.authenticated
+        assert d.envelope.headers == {}, "no ggt-* header of an unauthenticated message is believed"
+        await d.dead_letter(actor="verifier", error=Error.of(ErrorCode.UNAUTHENTICATED_MESSAGE))
+    batch = await bus.take_dead_letters("verifier")
+    try:
+        (letter,) = batch.letters
+        assert not letter.authenticated and H_MAC not in letter.envelope.headers, "dead-lettering never signs it"
+        assert (letter.origin_exchange, letter.origin_routing_key) == (COMMANDS_EXCHANGE, "verify_object")
+    finally:
+        for index in range(len(batch.letters)):
+            await batch.remove(index)
+        await batch.close()
+
+
+async def test_a_dead_lettered_public_request_is_signed_with_its_owner(bus: Bus) -> None:
+    request = ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3", job_id="job-pubdead")
+    await bus.publish(request, owner="acme")
+    async with receiving(bus, "coordinator") as got:
+        d = await next_delivery(got)
+        await d.dead_letter(actor="coordinator", error=Error.of(ErrorCode.INTERNAL, "x"))
+    batch = await bus.take_dead_letters("coordinator")
+    try:
+        (letter,) = batch.letters
+        assert letter.authenticated and letter.envelope.owner == "acme"
+        assert (letter.origin_exchange, letter.origin_routing_key) == (REQUESTS_EXCHANGE, "convert.acme")
+    finally:
+        await batch.remove(0)
+        await batch.close()
+
+
+async def test_events_are_routed_by_their_owner(bus: Bus) -> None:
+    mine = JobProgress(job_id="job-owned-1", stage=Stage.CONVERTING, percent=10.0)
+    theirs = JobProgress(job_id="job-owned-2", stage=Stage.CONVERTING, percent=20.0)
+    async with bus.subscribe("job.acme.#") as acme, bus.subscribe("job.other.#") as other:
+        await bus.publish(theirs, owner="other")
+        await bus.publish(mine, owner="acme")
+        env, _ = await asyncio.wait_for(anext(acme), WAIT)
+        assert env.job_id == "job-owned-1" and env.owner == "acme"
+        env, _ = await asyncio.wait_for(anext(other), WAIT)
+        assert env.job_id == "job-owned-2" and env.owner == "other"
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(acme), 0.3)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 
 from actors.probe import ffprobe
+from tests.fixtures.broker import TEST_BUS_KEY
 from tests.fixtures.pipeline import pipeline_settings
 from tests.support.cluster import actor_cluster
 from tests.support.processes import ROOT, settings_env
@@ -16,7 +18,8 @@ async def getgoodtape(*args: str, env: dict[str, str] | None = None, cwd=None) -
     """Run ``getgoodtape ARGS`` as a separate process with only ``env``'s GGT_* settings."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GGT_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "actors.cli", *args, cwd=cwd or ROOT, env={**clean, **(env or {}), "PYTHONPATH": str(ROOT)},
+        sys.executable, "-m", "actors.cli", *args, cwd=cwd or ROOT,
+        env={**clean, **(env or {}), "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
     out, err = await asyncio.wait_for(proc.communicate(), 180)
     return proc.returncode, out.decode(), err.decode()
@@ -80,11 +83,61 @@ async def test_run_all_with_nothing_configured_starts_on_embedded_services_and_s
 
 
 async def test_a_separate_coordinator_without_storage_configured_says_what_to_set(amqp_url):
-    code, _, err = await getgoodtape("run", "coordinator", env={"GGT_AMQP_URL": amqp_url})
+    code, _, err = await getgoodtape("run", "coordinator", env={"GGT_AMQP_URL": amqp_url, "GGT_BUS_KEY": TEST_BUS_KEY})
     assert code != 0 and "GGT_S3_ENDPOINT" in err
+
+
+async def test_an_actor_on_rabbitmq_without_a_bus_key_refuses_to_start_saying_so(amqp_url):
+    code, _, err = await getgoodtape("run", "converter", env={"GGT_AMQP_URL": amqp_url})
+    assert code != 0 and "GGT_BUS_KEY is not set" in err and "Traceback" not in err
 
 
 async def test_convert_refuses_a_local_file_on_a_shared_broker(media_files, amqp_url):
     code, _, err = await getgoodtape("convert", str(media_files["audio.mp3"]), "-f", "mp3",
                                      env={"GGT_AMQP_URL": amqp_url})
     assert code == 2 and "in-memory bus" in err
+
+
+def test_error_details_are_printed_as_plain_text_markup_and_all(capsys):
+    from actors.cli.convert import report
+    from messages.errors import Error, ErrorCode
+    from messages.types import JobFailed, Stage
+
+    hostile = "server said [/b] and [red]oops[/red] [link=http://x]y[/link]"
+    failed = JobFailed(job_id="job-00000001", stage=Stage.CONVERTING,
+                       error=Error.of(ErrorCode.CONVERSION_FAILED, hostile))
+    assert report(failed, saved=None, as_json=False) == 1
+    err = " ".join(capsys.readouterr().err.split())  # rich may wrap long lines
+    assert hostile in err
+
+
+#: what `getgoodtape --help` and `--version` must not load (each is a few hundred ms of start-up)
+HEAVY_MODULES = ("yt_dlp", "moto", "werkzeug", "aiohttp", "aio_pika", "rich", "aiobotocore")
+
+
+def modules_loaded_by_parsing(*argv: str) -> set[str]:
+    """The HEAVY_MODULES a fresh interpreter has loaded after `getgoodtape ARGV` parsed its arguments."""
+    script = ("import sys, actors.cli as cli\n"
+              "argv = sys.argv[1:]\n"
+              "try:\n"
+              "    cli.build_parser(only=cli.command_of(argv)).parse_args(argv)\n"
+              "except SystemExit as exc:\n"
+              "    assert exc.code == 0, exc.code\n"
+              f"print(' '.join(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=True)
+    return set(result.stderr.splitlines()[-1].split()) if result.stderr.strip() else set()
+
+
+def test_help_and_version_load_none_of_the_heavy_libraries():
+    assert modules_loaded_by_parsing("--version") == set()
+    assert modules_loaded_by_parsing("--help") == set()
+    assert modules_loaded_by_parsing("provision", "service") == set()
+
+
+def test_convert_on_its_own_loads_neither_ytdlp_nor_the_embedded_s3_nor_aio_pika_to_parse():
+    # yt-dlp runs in the converter's extraction workers, moto only when the embedded S3 starts,
+    # aio-pika only when GGT_AMQP_URL names a broker
+    loaded = modules_loaded_by_parsing("convert", "https://example.com/a.mp4", "-f", "mp3")
+    assert loaded & {"yt_dlp", "moto", "werkzeug", "aio_pika"} == set()
+    assert "rich" in loaded, "the command's own module was loaded (its progress bar)"

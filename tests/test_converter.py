@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from actors.converter import Converter, blocked_error, ytdlp_params
+from actors.converter import Converter, ytdlp_params
 from actors.guard import BlockedFetch, FetchGuard
 from actors.probe import probe_argv
 from actors.runtime import Worker
@@ -118,8 +121,7 @@ async def test_direct_mp4_gives_one_ffmpeg_input_with_the_probed_duration(
     assert media_input.url == url and media_input.via is InputVia.FFMPEG
     assert abs(plan.duration - STANDARD_SECONDS) < DURATION_TOLERANCE
     # the probe told the plan the codecs, so the h264/aac file is remuxed, not re-encoded
-    assert plan.output_args[plan.output_args.index("-c:v") + 1] == "copy"
-    assert plan.output_args[plan.output_args.index("-c:a") + 1] == "copy"
+    assert plan.video is not None and plan.video.copy and plan.audio is not None and plan.audio.copy
     assert plan.expect_codecs == {"video": "h264", "audio": "aac"}
     assert "User-Agent" in media_input.headers
 
@@ -128,11 +130,11 @@ async def test_page_with_a_video_tag_yields_that_video_and_its_poster(
     converter: Converter, media_server: MediaServer
 ) -> None:
     plan = await resolve(converter, media_server.url("page/av_h264_aac.mp4.html"), Format.MP3)
-    [media_input, cover] = plan.inputs
+    [media_input] = plan.inputs
     assert media_input.url == media_server.url("av_h264_aac.mp4")
     assert media_input.headers.get("Referer") == media_server.url("page/av_h264_aac.mp4.html")
     assert plan.title == "Test page for av_h264_aac.mp4 (1)"
-    assert cover.url == plan.thumbnail_url == media_server.url("thumbnail.jpg")
+    assert plan.thumbnail_url == media_server.url("thumbnail.jpg")
     assert abs(plan.duration - STANDARD_SECONDS) < DURATION_TOLERANCE
 
 
@@ -141,14 +143,14 @@ async def test_hls_playlist_is_read_by_ffmpeg_as_hls(converter: Converter, media
     plan = await resolve(converter, url, Format.M4A)
     [media_input] = plan.inputs
     assert media_input.url == url and media_input.via is InputVia.FFMPEG
-    assert "hls" in plan.input_args[0][plan.input_args[0].index("-protocol_whitelist") + 1]
+    assert media_input.hls
     assert abs(plan.duration - STANDARD_SECONDS) < DURATION_TOLERANCE
 
 
 async def test_redirect_is_followed_to_the_media(converter: Converter, media_server: MediaServer) -> None:
     plan = await resolve(converter, media_server.url("redirect/audio.mp3"), Format.MP3, quality=Quality.BEST)
     assert [i.url for i in plan.inputs] == [media_server.url("audio.mp3")]
-    assert plan.output_args[plan.output_args.index("-c:a") + 1] == "copy"  # mp3 → mp3 at best
+    assert plan.audio is not None and plan.audio.copy  # mp3 → mp3 at best
     assert abs(plan.duration - STANDARD_SECONDS) < DURATION_TOLERANCE
 
 
@@ -173,11 +175,11 @@ async def test_video_only_source_converts_to_video_but_not_to_audio(
 # --- sources that fail, each with its code
 
 
-async def test_missing_page_is_media_unavailable_and_not_retried(
+async def test_missing_page_is_media_removed_and_not_retried(
     converter: Converter, media_server: MediaServer
 ) -> None:
     error = await failure(converter, media_server.url("missing"))
-    assert error.code is ErrorCode.MEDIA_UNAVAILABLE and "404" in error.detail
+    assert error.code is ErrorCode.MEDIA_REMOVED and "404" in error.detail
     assert error.retryable is False
 
 
@@ -263,7 +265,7 @@ async def test_redirect_to_a_forbidden_address_is_refused_and_the_next_job_is_un
         error = await failure(converter, f"http://127.0.0.1:{runner.addresses[0][1]}/bounce.mp3")
     finally:
         await runner.cleanup()
-    assert error.code is ErrorCode.URL_NOT_ALLOWED and FORBIDDEN_HOST in error.detail
+    assert error.code is ErrorCode.URL_NOT_ALLOWED and FORBIDDEN_HOST not in error.detail  # no DNS oracle
     assert hits == []
     # the process's guard is shared: the refusal belongs to that job only
     plan = await resolve(converter, media_server.url("audio.mp3"))
@@ -289,17 +291,17 @@ async def test_page_whose_video_lives_on_a_forbidden_address_is_refused_at_the_p
         error = await failure(converter, f"http://127.0.0.1:{runner.addresses[0][1]}/page.html")
     finally:
         await runner.cleanup()
-    assert error.code is ErrorCode.URL_NOT_ALLOWED and FORBIDDEN_HOST in error.detail
+    assert error.code is ErrorCode.URL_NOT_ALLOWED and FORBIDDEN_HOST not in error.detail  # no DNS oracle
     assert hits == []
 
 
-# --- one YoutubeDL per process
+# --- extraction in warm worker processes
 
 
-async def test_second_resolve_reuses_the_youtubedl_and_is_faster(
+async def test_second_resolve_reuses_the_warm_worker_and_is_faster(
     converter: Converter, media_server: MediaServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ydl = converter.ydl
+    workers = converter.pool.pids
     url = media_server.url("audio.mp3")
     started = time.perf_counter()
     await resolve(converter, url)
@@ -307,15 +309,19 @@ async def test_second_resolve_reuses_the_youtubedl_and_is_faster(
     started = time.perf_counter()
     await resolve(converter, url)
     second = time.perf_counter() - started
-    assert converter.ydl is ydl
+    assert converter.pool.pids == workers  # the same warm process served both
     with capsys.disabled():
         print(f"\n[converter] direct loopback mp3 → mp3 plan: first resolve {first:.3f} s, second {second:.3f} s")
 
 
-async def test_a_job_cancelled_mid_extraction_leaves_the_youtubedl_to_the_next_one(
+def process_exists(pid: int) -> bool:
+    """True while ``pid`` runs or waits to be reaped (a zombie still has its /proc entry)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+async def test_a_job_cancelled_mid_extraction_takes_its_worker_and_leaves_nothing_behind(
     make_converter: MakeConverter, media_server: MediaServer
 ) -> None:
-    # the cancelled job's thread keeps the YoutubeDL until its socket times out; then the next job runs
     converter = await make_converter(network_timeout=2.0)
     arrived, release = asyncio.Event(), asyncio.Event()
 
@@ -330,12 +336,16 @@ async def test_a_job_cancelled_mid_extraction_leaves_the_youtubedl_to_the_next_o
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
+    [hanging_worker] = converter.pool.pids
     try:
         job = asyncio.create_task(converter.plan_for(request(f"http://127.0.0.1:{runner.addresses[0][1]}/hang.mp3")))
         await asyncio.wait_for(arrived.wait(), 10)
         job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await job
+        # the worker in the middle of the page is gone (killed and reaped), not parked in a thread
+        assert hanging_worker not in converter.pool.pids
+        assert not process_exists(hanging_worker)
         plan = await asyncio.wait_for(resolve(converter, media_server.url("audio.mp3")), 20)
     finally:
         release.set()
@@ -353,31 +363,36 @@ def test_ytdlp_params_harden_the_youtubedl() -> None:
     assert (params["socket_timeout"], params["max_filesize"]) == (7.0, 123)
 
 
-async def test_youtubedl_loads_no_plugins(converter: Converter) -> None:
-    from yt_dlp import globals as ytdlp_globals
-
-    assert ytdlp_globals.plugin_dirs.value == []
-    assert ytdlp_globals.plugin_ies.value == {} and ytdlp_globals.plugin_pps.value == {}
+def test_extraction_workers_load_no_plugins() -> None:
+    # what a worker process runs at start, checked in a process of its own (plugins are per process)
+    check = ("from actors.guard.extract import _Worker\n"
+             "_Worker(proxy='http://127.0.0.1:1', network_timeout=1, max_bytes=1)\n"
+             "from yt_dlp import globals as g\n"
+             "assert g.plugin_dirs.value == [] and g.plugin_ies.value == {} and g.plugin_pps.value == {}\n")
+    subprocess.run([sys.executable, "-c", check], check=True, capture_output=True, timeout=120)
 
 
 # --- pure helpers of the shell
 
 
-async def test_probe_argv_goes_through_the_guard_with_merged_protocols() -> None:
+async def test_probe_argv_reads_the_guards_gateway_with_plain_http_only() -> None:
     async with FetchGuard(allow=ALLOW) as guard:
-        argv = probe_argv("http://127.0.0.1:1/a.m3u8", timeout=5, wrap_input=guard.input_args)
-    at = argv.index("-http_proxy")
-    assert argv[at: at + 2] == ["-http_proxy", guard.proxy_url] and at < argv.index("-i")
+        url = guard.gateway_url("https://127.0.0.1:1/a.m3u8")
+        argv = probe_argv(url, timeout=5, wrap_input=guard.input_args)
+    assert argv[argv.index("-i") + 1] == url and url.startswith(guard.proxy_url + "/via/")
+    assert "-http_proxy" not in argv
     protocols = argv[argv.index("-protocol_whitelist") + 1].split(",")
-    assert {"hls", "http", "https", "httpproxy", "tcp", "tls"} <= set(protocols)
-    assert "file" not in protocols
+    assert set(protocols) == {"http", "tcp", "crypto"}
     assert argv.count("-protocol_whitelist") == 1
 
 
-def test_blocked_error_names_the_first_refusal() -> None:
-    assert blocked_error([]) is None
-    error = blocked_error([BlockedFetch("db.internal", "10.0.0.5", "private"), BlockedFetch("x", "127.0.0.3", "loopback")])
-    assert error is not None and error.code is ErrorCode.URL_NOT_ALLOWED and "10.0.0.5" in error.detail
+def test_blocked_error_names_no_host_or_address() -> None:
+    guard = FetchGuard()
+    assert guard.blocked_error() is None
+    guard.blocked += [BlockedFetch("db.internal", "10.0.0.5", "private"), BlockedFetch("x", "127.0.0.3", "loopback")]
+    error = guard.blocked_error()
+    assert error is not None and error.code is ErrorCode.URL_NOT_ALLOWED
+    assert "10.0.0.5" not in error.detail and "db.internal" not in error.detail and "private" not in error.detail
 
 
 # --- through the runtime, on the in-memory bus

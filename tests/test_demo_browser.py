@@ -119,3 +119,64 @@ async def test_the_demo_page_converts_a_loopback_source_and_links_the_decodable_
     probe = await ffprobe(shown["href"], timeout=60)
     assert probe.first("audio").codec_name == "mp3"
     assert abs(probe.best_duration - STANDARD_SECONDS) <= 0.5
+
+
+def drive_until_completed(page_url: str, profile: Path) -> dict[str, object]:
+    """Open the demo, submit a URL, wait for the completed stage; the download link as the page shows it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _browser(profile)
+    try:
+        driver.get(page_url)
+        wait = WebDriverWait(driver, JOB_TIMEOUT_S)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "format")).options) > 0)
+        driver.find_element(By.ID, "url").send_keys("http://127.0.0.1/a.mp3")
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "stage").text == "completed")
+        link = driver.find_element(By.ID, "download-link")
+        return {"href": link.get_attribute("href"), "shown": link.is_displayed()}
+    finally:
+        driver.quit()
+
+
+async def test_the_demo_page_follows_no_download_link_but_http_and_https(storage, tmp_path, monkeypatch):
+    """A completed event whose download_url is ``javascript:`` (a forged or broken event) gives no link."""
+    from actors.jobs import encode_record, enter, new_record, utcnow
+    from actors.wiring import topology
+    from bus.memory import MemoryBus
+    from messages.types import ConvertRequested, JobCompleted, Stage
+    from storage import JobStore
+    from tests.fixtures.broker import test_settings
+
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    settings = test_settings(rate_limit_per_minute=0)
+    bus = MemoryBus(topology(settings))
+    await bus.start()
+
+    async def coordinator_that_completes_with_a_script_link() -> None:
+        """Stands in for the coordinator: records the job completed with a javascript: URL, announces it."""
+        async for delivery in bus.deliveries("coordinator", prefetch=1):
+            request = msgspec.json.decode(delivery.body, type=ConvertRequested)
+            record = new_record(request.job_id, request, now=utcnow(), reply_to=None)
+            enter(record, Stage.COMPLETED, now=utcnow(), percent=100.0)
+            record.result = JobCompleted(
+                job_id=request.job_id, download_url="javascript:alert(document.domain)//", expires_at="",
+                key="converted/x.mp3", format="mp3", quality="192", content_type="audio/mpeg", size=1,
+                sha256="0" * 64, duration=1.0, title="x")
+            await JobStore(storage).save(request.job_id, encode_record(record), etag=None)
+            await bus.publish(record.result)
+            await delivery.ack()
+
+    server = TestServer(make_app(settings, bus=bus, storage=storage), host="127.0.0.1")
+    await server.start_server()
+    fake = asyncio.create_task(coordinator_that_completes_with_a_script_link())
+    try:
+        shown = await asyncio.to_thread(drive_until_completed, str(server.make_url("/file-flow-demo")),
+                                        tmp_path / "profile")
+    finally:
+        fake.cancel()
+        await server.close()
+        await bus.close()
+    assert not str(shown["href"]).startswith("javascript:"), shown
+    assert shown["shown"] is False, "no link is offered at all"

@@ -13,10 +13,11 @@ from collections import Counter
 import pytest
 
 from actors.planning import progress_percent
+from bus.base import BusError
 from bus.replay import list_letters, replay
 from messages.errors import ErrorCode
 from messages.routing import ROUTING_KEYS
-from messages.types import ConvertRequested, JobCompleted, JobFailed, Stage
+from messages.types import ConvertRequested, JobCompleted, JobFailed, JobProgress, Stage
 from tests.fixtures.pipeline import pipeline_settings
 from tests.support.cluster import actor_cluster
 from tests.support.faults import (
@@ -28,9 +29,11 @@ from tests.support.faults import (
     latest_stage,
     per_job_sources,
     publish_plain,
+    rabbitmqctl,
     record_figure,
     restart_broker_app,
     stored_keys,
+    vhost_of,
     wait_for_records,
     wait_settled,
 )
@@ -137,6 +140,43 @@ async def test_sigkill_mid_job_every_job_completes_once_with_no_open_upload(
     assert open_uploads == [], "no multipart upload left open"
 
 
+async def test_an_event_subscription_rides_out_the_broker_closing_its_connections(amqp_url, rabbit_bus):
+    """What the gateway's SSE streams, the CLI's wait and the test cluster's collector stand on."""
+    vhost = vhost_of(amqp_url)
+
+    def progress(n: int) -> JobProgress:
+        return JobProgress(job_id=f"ride-out-{n:04d}", stage=Stage.CONVERTING, percent=float(n % 100))
+
+    async def arrives(events, n: int, within: float) -> bool:
+        """Publish event n and read until it comes (True) or ``within`` seconds pass (False)."""
+        try:
+            await rabbit_bus.publish(progress(n))
+        except BusError:
+            return False  # the bus is still reconnecting: the caller tries the next event
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    envelope, _ = await anext(events)
+                    if envelope.job_id == progress(n).job_id:
+                        return True
+        except TimeoutError:
+            return False
+
+    async with rabbit_bus.subscribe("job.#") as events:
+        assert await arrives(events, 0, within=10.0)
+        # a transient subscription holds nothing unacked at the broker: no ack can fail mid-restart
+        consumers = await rabbitmqctl("list_consumers", "-p", vhost, "ack_required", "-q", "--no-table-headers")
+        assert consumers.split() == ["false"], "the one consumer in the test's vhost acks nothing"
+        await rabbitmqctl("close_all_connections", "-p", vhost, "fault injected by the test")
+        # events published while the queue is gone are lost to it (it is transient by design); the
+        # subscription must come back by itself and carry the next events, raising nothing meanwhile
+        n = 1
+        async with asyncio.timeout(60):
+            while not await arrives(events, n, within=1.0):
+                n += 1
+        assert await arrives(events, n + 1, within=10.0)
+
+
 async def test_broker_restart_mid_flight_loses_and_duplicates_no_job(
         storage_config, storage, amqp_url, rabbit_bus, media_server, media_files, tmp_path):
     settings = pipeline_settings(storage_config, amqp_url=amqp_url)
@@ -239,7 +279,7 @@ async def test_storage_unreachable_for_30s_jobs_retry_or_dead_letter_and_complet
 
 
 #: routing keys the garbage goes to: every actor's queue gets its share
-GARBAGE_KEYS = ("convert", "resolve_media", "stream_to_storage", "verify_object", "streamed")
+GARBAGE_KEYS = ("convert.default", "resolve_media", "stream_to_storage", "verify_object", "streamed")
 #: the four kinds of bad message, 25 of each
 BAD_KINDS = ("malformed", "unknown_type", "invalid_field", "oversized")
 
@@ -251,7 +291,8 @@ def bad_message(kind: str, i: int) -> tuple[str, bytes, dict[str, object]]:
     if kind == "malformed":
         return key, b'{"url": "http://127.0.0.1/x.mp3", "format": ', props
     if kind == "unknown_type":
-        return key, json.dumps({"type": "launch_rockets", "target": "moon"}).encode(), {**props, "type": "launch_rockets"}
+        body = json.dumps({"type": "launch_rockets", "target": "moon"}).encode()
+        return key, body, {**props, "type": "launch_rockets"}
     if kind == "invalid_field":
         return key, json.dumps({"url": 42, "format": "gif", "quality": "potato"}).encode(), props
     padding = "x" * (1024 * 1024 + 1)  # one byte past the 1 MiB body limit
@@ -262,8 +303,8 @@ def bad_message(kind: str, i: int) -> tuple[str, bytes, dict[str, object]]:
 def good_message(url: str, fmt: str, job_id: str) -> tuple[str, bytes, dict[str, object]]:
     """A ConvertRequested written by hand, the way another system publishes it (docs/MESSAGES.md)."""
     body = json.dumps({"type": "convert_requested", "url": url, "format": fmt, "job_id": job_id}).encode()
-    return "convert", body, {"content_type": "application/json", "type": "convert_requested",
-                             "message_id": f"good-{job_id}"}
+    return "convert.default", body, {"content_type": "application/json", "type": "convert_requested",
+                                     "message_id": f"good-{job_id}"}
 
 
 async def test_hundred_bad_messages_are_dead_lettered_with_reasons_and_twenty_good_jobs_complete(
@@ -305,7 +346,10 @@ async def test_hundred_bad_messages_are_dead_lettered_with_reasons_and_twenty_go
                   actor_processes_alive=f"{len(survivors)}/{len(pids)}", processes_started=processes)
     assert all(isinstance(finals[i], JobCompleted) for i in ids), {i: finals[i] for i in ids}
     assert sorted(letter.envelope.message_id for letter in letters) == sorted(str(p["message_id"]) for _, _, p in bad)
-    assert {letter.error_code for letter in letters} == {"undecodable_message"}
+    # garbage on the public exchange cannot be decoded; on ggt.commands it carries no MAC and is not read
+    expected = {str(p["message_id"]): "undecodable_message" if key.startswith("convert.") else "unauthenticated_message"
+                for key, _, p in bad}
+    assert {letter.envelope.message_id: letter.error_code for letter in letters} == expected
     assert all(letter.error_message for letter in letters), "each letter says why"
     assert survivors == pids and processes == 4, "no actor restarted"
 
@@ -378,7 +422,7 @@ async def test_job_past_its_time_limit_kills_ffmpeg_and_fails_once_with_timeout(
                     what="ffmpeg to be gone")
         # a job behind it on the same queues finishes: a looping redelivery would have come first
         await cluster.run([sentinel])
-        streams = [s for s in tap.seen if s[3] == request.job_id]
+        streams = [s for s in tap.seen if s[3] == request.job_id and s[1] == "stream_to_storage"]
         fetches = len(media_server.requests_for(f"slow/{paths['limit-0001']}"))
         final = cluster.finals[request.job_id]
         final_count = cluster.final_counts[request.job_id]

@@ -285,3 +285,21 @@ async def test_a_failed_start_leaks_no_file_descriptor():
         async with FfmpegProcess(["/nonexistent/ffmpeg", "-version"]):
             pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_child_gets_the_memory_limit_as_its_address_space_cap():
+    import resource
+    import subprocess
+
+    from actors.ffmpeg import child_preexec
+
+    limit = 512 * 1024 * 1024
+    probe = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    capped = subprocess.run([sys.executable, "-c", probe], preexec_fn=child_preexec(memory_limit=limit),
+                            capture_output=True, text=True, check=True, timeout=30)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    assert int(capped.stdout) == (limit if hard == resource.RLIM_INFINITY else min(limit, hard))
+    # and a child that asks for more than its cap fails its allocation instead of growing
+    greedy = subprocess.run([sys.executable, "-c", "bytearray(1024 * 1024 * 1024)"],
+                            preexec_fn=child_preexec(memory_limit=limit), capture_output=True, text=True, timeout=30)
+    assert greedy.returncode != 0 and "MemoryError" in greedy.stderr

@@ -27,7 +27,7 @@ HEADERS = {"User-Agent": "Mozilla/5.0", "Accept": "*/*", "Accept-Language": "en-
 #: yt-dlp's ``cookies`` field: Set-Cookie-like, attributes after each cookie
 COOKIES = ("VISITOR_INFO1_LIVE=abc; Domain=.youtube.com; Path=/; Secure; Expires=1800000000; "
            "YSC=xyz; Domain=.youtube.com; Path=/; Secure")
-LIMITS = Limits(max_duration=4 * 3600, max_output_bytes=4 * 1024**3, network_timeout=30)
+LIMITS = Limits(max_duration=4 * 3600, max_output_bytes=4 * 1024**3)
 
 
 def fmt(format_id: str, *, vcodec: str | None, acodec: str | None, protocol: str = "https", **kw: Any) -> dict:
@@ -175,7 +175,7 @@ def test_source_info_of_a_youtube_like_page_for_mp4_720() -> None:
     assert source.thumbnail_url == "https://i.ytimg.com/vi/aaaaaaaaaaa/maxresdefault.jpg"
     assert probe_target(source) is None  # yt-dlp said everything a plan needs
     plan = plan_media(request=req(Format.MP4, Quality.P720), source=source, limits=LIMITS)
-    assert plan.output_args[plan.output_args.index("-c:v") + 1] == "copy"
+    assert plan.video is not None and plan.video.copy
     assert plan.duration == 212
 
 
@@ -203,7 +203,7 @@ def test_probe_fills_in_what_yt_dlp_did_not_know() -> None:
     assert (probed.duration, probed.video_codec, probed.audio_codec, probed.height) == (6.0, "h264", "aac", 240)
     assert (probed.vbr, probed.abr, probed.tbr, probed.sample_rate) == (300.0, 128.0, 400.0, 48000)
     plan = plan_media(request=req(Format.MP4, Quality.BEST), source=probed, limits=LIMITS)
-    assert plan.output_args.count("copy") == 2  # both streams remuxed
+    assert plan.video.copy and plan.audio.copy  # both streams remuxed
 
 
 def test_probe_decides_which_streams_a_single_direct_file_has() -> None:
@@ -251,7 +251,7 @@ def test_dash_only_video_and_audio_share_the_one_pipe_ffmpeg_has() -> None:
     [only] = source.inputs
     assert (only.via, only.kind) == (InputVia.YTDLP_PIPE, "av")
     plan = plan_media(request=req(Format.MP4, Quality.P720), source=source, limits=LIMITS)
-    assert len(plan.inputs) == 1 and plan.input_args[0][:2] == ["-protocol_whitelist", "pipe"]
+    assert len(plan.inputs) == 1 and plan.inputs[0].via is InputVia.YTDLP_PIPE
 
 
 # --- refusals
@@ -330,30 +330,48 @@ def test_best_thumbnail_is_the_last_http_one_else_the_single_thumbnail() -> None
     ("message", "code", "retryable"),
     [
         ("ERROR: [generic] missing: Unable to download webpage: HTTP Error 404: Not Found "
-         "(caused by <HTTPError 404: Not Found>)", ErrorCode.MEDIA_UNAVAILABLE, False),
+         "(caused by <HTTPError 404: Not Found>)", ErrorCode.MEDIA_REMOVED, False),
         ("ERROR: [generic] gone: Unable to download webpage: HTTP Error 410: Gone (caused by <HTTPError 410: Gone>)",
-         ErrorCode.MEDIA_UNAVAILABLE, False),
+         ErrorCode.MEDIA_REMOVED, False),
         ("ERROR: [generic] x: Unable to download webpage: HTTP Error 403: Forbidden "
          "(caused by <HTTPError 403: Forbidden>)", ErrorCode.MEDIA_UNAVAILABLE, False),
         ("ERROR: [youtube] aaaaaaaaaaa: Video unavailable. This video is no longer available because the YouTube "
-         "account associated with this video has been terminated.", ErrorCode.MEDIA_UNAVAILABLE, False),
+         "account associated with this video has been terminated.", ErrorCode.MEDIA_REMOVED, False),
+        ("ERROR: [youtube] aaaaaaaaaaa: Video unavailable. This video has been removed by the uploader",
+         ErrorCode.MEDIA_REMOVED, False),
+        ("ERROR: [youtube] aaaaaaaaaaa: This video has been removed for violating YouTube's policy on hate speech.",
+         ErrorCode.MEDIA_REMOVED, False),
         ("ERROR: [youtube] aaaaaaaaaaa: Private video. Sign in if you've been granted access to this video",
-         ErrorCode.MEDIA_UNAVAILABLE, False),
+         ErrorCode.LOGIN_REQUIRED, False),
+        ("ERROR: [vimeo] 123: This video is only available for registered users. Use --cookies, "
+         "--cookies-from-browser, --username and --password, --netrc-cmd, or --netrc (vimeo) to provide account "
+         "credentials", ErrorCode.LOGIN_REQUIRED, False),
+        ("ERROR: [youtube:tab] UCxxxx: Login details are needed to download this content. Use "
+         "--cookies-from-browser or --cookies for the authentication.", ErrorCode.LOGIN_REQUIRED, False),
+        ("ERROR: [youtube] aaaaaaaaaaa: Sign in to confirm your age. This video may be inappropriate for some "
+         "users. Use --cookies-from-browser or --cookies for the authentication.", ErrorCode.AGE_RESTRICTED, False),
+        ("ERROR: [youtube] aaaaaaaaaaa: This video is available to this channel's members on level: Tier 1 "
+         "(or any higher level). Join this channel to get access to the members-only content and other "
+         "exclusive perks.", ErrorCode.MEMBERS_ONLY, False),
+        ("ERROR: [SomeSite] 42: This video is not available from your location due to geo restriction. You "
+         "might want to use a VPN or a proxy server (with --proxy) to workaround.", ErrorCode.GEO_BLOCKED, False),
         ("ERROR: [youtube] aaaaaaaaaaa: Video unavailable. The uploader has not made this video available in your "
-         "country", ErrorCode.MEDIA_UNAVAILABLE, False),
+         "country", ErrorCode.GEO_BLOCKED, False),
         ("ERROR: [youtube] aaaaaaaaaaa: Join this channel to get access to members-only content like this video, "
-         "and other exclusive perks.", ErrorCode.MEDIA_UNAVAILABLE, False),
+         "and other exclusive perks.", ErrorCode.MEMBERS_ONLY, False),
         ("ERROR: [twitch:stream] somechannel: The channel is not currently live", ErrorCode.MEDIA_UNAVAILABLE, False),
         ("ERROR: [youtube] aaaaaaaaaaa: Sign in to confirm you’re not a bot. Use --cookies-from-browser or --cookies "
-         "for the authentication.", ErrorCode.MEDIA_UNAVAILABLE, True),
+         "for the authentication.", ErrorCode.BOT_CHECK, False),
+        ("ERROR: [youtube] aaaaaaaaaaa: Video unavailable. YouTube is requiring a captcha challenge before "
+         "playback", ErrorCode.BOT_CHECK, False),
         ("ERROR: [youtube] aaaaaaaaaaa: Video unavailable. This content isn't available, try again later.",
-         ErrorCode.MEDIA_UNAVAILABLE, True),
+         ErrorCode.RATE_LIMITED, True),
         ("ERROR: [generic] x: Unable to download webpage: The read operation timed out "
          "(caused by TransportError('The read operation timed out'))", ErrorCode.MEDIA_UNAVAILABLE, True),
         ("ERROR: [generic] x: Unable to download webpage: [Errno 111] Connection refused "
          "(caused by TransportError('[Errno 111] Connection refused'))", ErrorCode.MEDIA_UNAVAILABLE, True),
         ("ERROR: [generic] x: Unable to download webpage: HTTP Error 429: Too Many Requests "
-         "(caused by <HTTPError 429: Too Many Requests>)", ErrorCode.MEDIA_UNAVAILABLE, True),
+         "(caused by <HTTPError 429: Too Many Requests>)", ErrorCode.RATE_LIMITED, True),
         ("ERROR: [generic] x: Unable to download webpage: HTTP Error 503: Service Unavailable "
          "(caused by <HTTPError 503: Service Unavailable>)", ErrorCode.MEDIA_UNAVAILABLE, True),
         ("ERROR: [youtube] aaaaaaaaaaa: This live event will begin in 3 hours.", ErrorCode.LIVE_NOT_SUPPORTED, False),

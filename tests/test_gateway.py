@@ -28,8 +28,11 @@ from messages.errors import Error, ErrorCode
 from messages.types import Format, JobCompleted, JobFailed, JobProgress, Quality, Stage
 from tests.fixtures.broker import test_settings as settings_for_tests
 
-#: quick keepalives and a short wait for unknown jobs, so the tests see both
-FAST = GatewayOptions(keepalive=0.5, unknown_job_wait=0.3)
+#: quick keepalives and a short wait for unknown jobs, so the tests see both; nothing cached, so
+#: readiness and figures follow what a test changes at once
+FAST = GatewayOptions(keepalive=0.5, unknown_job_wait=0.3, monitor_ttl=0, stats_ttl=0)
+#: two API keys as GGT_API_KEYS bare tokens (each its own tenant)
+KEY_ONE, KEY_TWO = "key-one-0123456789abcdef", "key-two-0123456789abcdef"
 #: seconds a test waits for a whole job's event stream
 STREAM_TIMEOUT = 120.0
 
@@ -58,13 +61,13 @@ async def gateway(pipeline) -> AsyncIterator[TestClient]:
 
 
 @contextlib.asynccontextmanager
-async def bare_gateway(storage, **overrides) -> AsyncIterator[TestClient]:
+async def bare_gateway(storage, *, options: GatewayOptions = FAST, **overrides) -> AsyncIterator[TestClient]:
     """A gateway on an idle in-memory bus (no actors) with settings ``overrides``."""
     settings = settings_for_tests(**overrides)
     bus = MemoryBus(topology(settings))
     await bus.start()
     try:
-        async with serve(make_app(settings, bus=bus, storage=storage, options=FAST)) as client:
+        async with serve(make_app(settings, bus=bus, storage=storage, options=options)) as client:
             yield client
     finally:
         await bus.close()
@@ -270,7 +273,7 @@ async def test_unknown_jobs_and_routes_answer_json_404s(gateway):
 
 
 async def test_with_keys_configured_the_job_endpoints_need_one(storage):
-    async with bare_gateway(storage, api_keys=("key-one", "key-two"), rate_limit_per_minute=0) as client:
+    async with bare_gateway(storage, api_keys=(KEY_ONE, KEY_TWO), rate_limit_per_minute=0) as client:
         body = {"url": "http://127.0.0.1/a.mp4", "format": "mp3"}
         response = await client.post("/api/convert", json=body)
         assert response.status == 401
@@ -278,11 +281,12 @@ async def test_with_keys_configured_the_job_endpoints_need_one(storage):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         wrong = await client.post("/api/convert", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status == 401
-        ok = await client.post("/api/convert", json=body, headers={"Authorization": "Bearer key-two"})
+        ok = await client.post("/api/convert", json=body, headers={"Authorization": f"Bearer {KEY_TWO}"})
         assert ok.status == 202
         job_id = (await ok.json())["job_id"]
         assert (await client.get(f"/api/jobs/{job_id}")).status == 401
-        assert (await client.get(f"/api/jobs/{job_id}?access_token=key-one")).status == 200
+        assert (await client.get(f"/api/jobs/{job_id}?access_token={KEY_TWO}")).status == 200
+        assert (await client.get(f"/api/jobs/{job_id}?access_token={KEY_ONE}")).status == 404, "another tenant's"
         assert (await client.get("/api/storage/stats")).status == 401
         for public in ("/healthz", "/metrics", "/api/openapi.json", "/api/formats", "/file-flow-demo"):
             assert (await client.get(public)).status == 200, public

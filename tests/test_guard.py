@@ -15,8 +15,20 @@ from actors.guard import (
     parse_host_literal,
     parse_networks,
 )
-from actors.guard.proxy import BadProxyRequest, FetchGuard, parse_proxy_request
+from actors.guard.addresses import denial_reason
+from actors.guard.children import child_env
+from actors.guard.manifests import BodyKind, ManifestRefused, parse_attributes, rewrite_hls, sniff_body
+from actors.guard.proxy import (
+    BadProxyRequest,
+    FetchGuard,
+    gateway_path,
+    gateway_target,
+    parse_proxy_request,
+)
+from actors.guard.urls import SAFE_REFUSAL, fetchable, refuse_unfetchable
+from actors.planning import validate_request
 from messages.errors import ErrorCode, JobError
+from messages.types import ConvertRequested
 
 FORBIDDEN = [
     "127.0.0.1",
@@ -98,13 +110,18 @@ def test_public_addresses_are_allowed(address: str) -> None:
     [
         ("127.0.0.1", "loopback"),
         ("10.0.0.1", "private"),
-        ("169.254.169.254", "link-local (cloud metadata)"),
+        ("169.254.169.254", "cloud metadata"),
+        ("168.63.129.16", "cloud metadata (Azure WireServer)"),
+        ("100.100.100.200", "cloud metadata (Alibaba)"),
+        ("169.254.1.1", "link-local (cloud metadata)"),
         ("100.64.0.1", "shared address space (CGNAT)"),
         ("::ffff:10.0.0.1", "IPv4-mapped private"),
         ("64:ff9b::7f00:1", "NAT64 loopback"),
         ("2002:c0a8:101::1", "6to4 private"),
         ("2001::1", "Teredo"),
-        ("fd00:ec2::254", "unique-local"),
+        ("fd00:ec2::254", "cloud metadata (AWS IPv6)"),
+        ("fd00:ec3::254", "unique-local"),
+        ("::ffff:168.63.129.16", "IPv4-mapped cloud metadata (Azure WireServer)"),
     ],
 )
 def test_block_reason_names_the_range(address: str, reason: str) -> None:
@@ -214,11 +231,6 @@ def test_ipv4_parsing_agrees_with_the_system_inet_aton(spelling: str) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "ftp://example.com/a.mp3",
-        "file:///etc/passwd",
-        "data:text/plain,hi",
-        "gopher://example.com/",
-        "javascript:alert(1)",
         "http://user:pass@example.com/a.mp3",
         "http://user@example.com/a.mp3",
         "http://127.0.0.1/a.mp3",
@@ -238,10 +250,22 @@ def test_ipv4_parsing_agrees_with_the_system_inet_aton(spelling: str) -> None:
         "http://example.com/a b",
     ],
 )
-def test_check_url_refuses_schemes_credentials_and_internal_literals(url: str) -> None:
+def test_check_url_refuses_credentials_and_internal_literals(url: str) -> None:
     with pytest.raises(JobError) as caught:
         check_url(url)
     assert caught.value.code is ErrorCode.URL_NOT_ALLOWED
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/a.mp3", "file:///etc/passwd", "data:text/plain,hi", "gopher://example.com/",
+            "javascript:alert(1)"],
+)
+def test_check_url_refuses_other_schemes_with_the_request_gates_code(url: str) -> None:
+    with pytest.raises(JobError) as caught:
+        check_url(url)
+    assert caught.value.code is ErrorCode.UNSUPPORTED_URL
+    request = ConvertRequested(url=url, format="mp3")
+    assert validate_request(request, max_duration=60).code is ErrorCode.UNSUPPORTED_URL  # one rule, one code
 
 
 @pytest.mark.parametrize(
@@ -308,6 +332,146 @@ def test_ffmpeg_child_environment_points_at_the_guard_and_drops_no_proxy() -> No
     assert "no_proxy" not in env and "NO_PROXY" not in env
     assert env["PATH"] == "/usr/bin"
     assert env["http_proxy"] == guard.proxy_url
+
+
+def test_child_environment_is_an_allow_list_not_a_copy_of_the_actors() -> None:
+    actor = {
+        "PATH": "/usr/bin", "HOME": "/home/ggt", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC",
+        "GGT_S3_SECRET_ACCESS_KEY": "s3cr3t", "GGT_BUS_KEY": "k3y", "GGT_AMQP_URL": "amqp://u:pw@h/",
+        "AWS_SECRET_ACCESS_KEY": "x", "LD_PRELOAD": "/tmp/evil.so", "PYTHONPATH": "/tmp", "no_proxy": "*",
+    }  # fmt: skip
+    assert child_env(actor) == {"PATH": "/usr/bin", "HOME": "/home/ggt", "LANG": "C.UTF-8", "LC_ALL": "C",
+                                "TZ": "UTC"}
+    proxied = child_env(actor, proxy_url="http://127.0.0.1:9")
+    assert proxied["https_proxy"] == proxied["HTTP_PROXY"] == "http://127.0.0.1:9"
+    assert child_env({})["PATH"]  # a child can always find its programs
+
+
+# --- cloud metadata and the operator's deny list
+
+
+def test_cloud_metadata_stays_refused_even_inside_an_allow_listed_network() -> None:
+    allow = parse_networks(["169.254.0.0/16", "168.63.0.0/16", "fd00::/8", "100.64.0.0/10"])
+    for address in ("169.254.169.254", "168.63.129.16", "fd00:ec2::254", "100.100.100.200",
+                    "::ffff:169.254.169.254"):
+        assert not address_allowed(address, allow=allow), address
+    assert address_allowed("169.254.10.10", allow=allow)
+
+
+def test_deny_networks_win_over_allow_networks_and_over_public() -> None:
+    allow = parse_networks(["10.0.0.0/8"])
+    deny = parse_networks(["10.9.0.0/16", "8.8.8.0/24"])
+    assert address_allowed("10.1.2.3", allow=allow, deny=deny)
+    assert not address_allowed("10.9.1.1", allow=allow, deny=deny)
+    assert not address_allowed("8.8.8.8", allow=allow, deny=deny)
+    assert not address_allowed("::ffff:10.9.1.1", allow=allow, deny=deny)
+    assert denial_reason("10.9.1.1", allow=allow, deny=deny) == "denied by the operator (GGT_DENY_NETWORKS)"
+
+
+def test_check_url_refusals_name_no_address_or_reason() -> None:
+    with pytest.raises(JobError) as caught:
+        check_url("http://169.254.169.254/latest/meta-data/")
+    assert caught.value.code is ErrorCode.URL_NOT_ALLOWED and caught.value.detail == SAFE_REFUSAL
+    with pytest.raises(JobError):
+        check_url("http://10.9.0.1/", allow=["10.0.0.0/8"], deny=["10.9.0.0/16"])
+
+
+# --- playlists ffmpeg reads only as the guard rewrote them
+
+
+def to_guard(url: str) -> str:
+    return "http://127.0.0.1:9" + gateway_path(url)
+
+
+def test_every_url_of_a_playlist_points_back_at_the_guard() -> None:
+    playlist = (
+        "#EXTM3U\r\n#EXT-X-KEY:METHOD=AES-128,URI=\"key.bin\",IV=0x1\n"
+        "#EXT-X-MAP:URI=init.mp4\n#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"a\",URI=\"https://cdn.example/a.m3u8\"\n"
+        "#EXTINF:2,\n  seg0.ts  \r#EXTINF:2,\x00/abs/seg1.ts\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv/low.m3u8\n"
+    )
+    out = rewrite_hls(playlist, base_url="https://site.example/live/x.m3u8", to_guard=to_guard)
+    targets = [gateway_target(u.removeprefix("http://127.0.0.1:9")) for u in _urls_in(out)]
+    assert targets == [
+        "https://site.example/live/key.bin", "https://site.example/live/init.mp4", "https://cdn.example/a.m3u8",
+        "https://site.example/live/seg0.ts", "https://site.example/abs/seg1.ts",
+        "https://site.example/live/v/low.m3u8",
+    ]
+    assert "IV=\"0x1\"" in out and "#EXTINF:2," in out
+
+
+def _urls_in(text: str) -> list[str]:
+    urls = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            urls += [value for key, value in parse_attributes(line.partition(":")[2]) if key == "URI="]
+        elif line:
+            urls.append(line)
+    return urls
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["httpproxy://10.0.0.5:80/s.ts", "tcp://10.0.0.5:80", "crypto+tcp://10.0.0.5:80", "file:///etc/passwd",
+     "data:text/plain,x", '#EXT-X-KEY:METHOD=AES-128,URI="tcp://10.0.0.5:1"', "#EXT-X-MAP:URI=httpproxy://h:1/"],
+)
+def test_a_playlist_naming_any_scheme_but_http_is_refused_whole(line: str) -> None:
+    with pytest.raises(ManifestRefused):
+        rewrite_hls(f"#EXTM3U\n#EXTINF:2,\n{line}\n", base_url="http://site.example/x.m3u8", to_guard=to_guard)
+
+
+def test_attributes_are_read_as_ffmpeg_reads_them() -> None:
+    assert parse_attributes('METHOD=AES-128, URI="a\\"b,c",IV=0x1') == [
+        ("METHOD=", "AES-128"), ("URI=", 'a"b,c'), ("IV=", "0x1")]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "complete", "kind"),
+    [
+        (b"#EXTM3U\n#EXTINF", False, BodyKind.HLS),
+        (b"#EXT", False, BodyKind.NEED_MORE),
+        (b"ID3\x04\x00\x00\x00\x00\x00\x02ab#EXTM3U\n", False, BodyKind.HLS),  # probing skips ID3v2
+        (b"<?xml version='1.0'?><mpd profiles='dash:profile'", False, BodyKind.DASH),
+        (b"\x00\x00\x00\x18ftypisom<MPD", False, BodyKind.MEDIA),  # after a NUL ffmpeg's probe stops
+        (b"plain text with no playlist", False, BodyKind.NEED_MORE),
+        (b"plain text with no playlist", True, BodyKind.MEDIA),
+        (b"\xef\xbb\xbf#EXTM3U\n", True, BodyKind.MEDIA),  # ffmpeg does not skip a BOM either
+    ],
+)
+def test_bodies_are_told_apart_as_ffmpegs_probe_would(prefix: bytes, complete: bool, kind: BodyKind) -> None:
+    assert sniff_body(prefix, complete=complete) is kind
+
+
+def test_gateway_paths_round_trip_and_keep_the_file_name_ffmpeg_judges() -> None:
+    url = "https://cdn.example/a/seg 01.ts?token=x/y"
+    path = gateway_path(url)
+    assert path.endswith("/seg01.ts") and gateway_target(path) == url
+    assert gateway_target("/via/!!!/x") is None and gateway_target("/other") is None
+
+
+def test_gateway_url_refuses_inputs_that_are_not_http() -> None:
+    guard = FetchGuard()
+    for url in ("file:///etc/passwd", "tcp://10.0.0.5:80", "httpproxy://10.0.0.5:80/"):
+        with pytest.raises(JobError) as caught:
+            guard.gateway_url(url)
+        assert caught.value.code is ErrorCode.URL_NOT_ALLOWED
+
+
+# --- what yt-dlp found
+
+
+def test_formats_with_urls_of_other_schemes_make_the_source_refused() -> None:
+    good = {"url": "https://cdn.example/v.mp4", "fragments": [{"path": "s1.m4s"}], "fragment_base_url": "https://c/"}
+    assert fetchable(good)
+    for bad in ({"url": "tcp://10.0.0.5:80"}, {"url": "https://c/x", "manifest_url": "httpproxy://h:1/"},
+                {"url": "https://c/x", "fragments": [{"url": "crypto+tcp://h:1/"}]},
+                {"url": "https://c/x", "fragments": [{"path": "httpproxy://h:1/s"}]},
+                {"url": "http://site.example/httpproxy://10.0.0.5:80/video.mp4"}):
+        assert not fetchable(bad), bad
+        with pytest.raises(JobError) as caught:
+            refuse_unfetchable({"url": "https://ok/", "formats": [good, bad]})
+        assert caught.value.code is ErrorCode.URL_NOT_ALLOWED
+    refuse_unfetchable({"formats": [good], "entries": [{"formats": [good]}]})
+    assert fetchable({"url": "https://web.archive.org/web/2020/https://example.com/v.mp4"})
 
 
 def test_guard_without_refusals_reports_no_error() -> None:

@@ -7,6 +7,8 @@ forbidden origin counts its requests to prove that none reached it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import ssl
 import subprocess
@@ -144,10 +146,10 @@ async def guard() -> AsyncIterator[FetchGuard]:
 async def run_ffmpeg(
     guard: FetchGuard, url: str, *, environ: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    """Read ``url`` with ffmpeg through the guard (decode to null); return exit code and stderr."""
+    """Read ``url`` with ffmpeg through the guard's gateway (decode to null); return exit code and stderr."""
     process = await asyncio.create_subprocess_exec(
         "ffmpeg", "-nostdin", "-loglevel", "warning", "-rw_timeout", "10000000",
-        *guard.ffmpeg_input_args(), "-i", url, "-f", "null", "-",
+        *guard.ffmpeg_input_args(), "-i", guard.gateway_url(url), "-f", "null", "-",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env=guard.subprocess_env(os.environ if environ is None else environ),
     )  # fmt: skip
@@ -350,14 +352,15 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1",
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
 
 
-async def test_ffmpeg_https_to_an_allowed_address_tunnels_through_the_guard(
-    guard: FetchGuard, media_dir: Path, tls_files: tuple[Path, Path]
+async def test_ffmpeg_https_to_an_allowed_address_is_fetched_by_the_guard_over_verified_tls(
+    media_dir: Path, tls_files: tuple[Path, Path]
 ) -> None:
     origin = Origin("")
     runner = web.AppRunner(media_app(origin, media_dir))
@@ -367,11 +370,16 @@ async def test_ffmpeg_https_to_an_allowed_address_tunnels_through_the_guard(
     try:
         await web.TCPSite(runner, ALLOWED_HOST, 0, ssl_context=context).start()
         port = runner.addresses[0][1]
-        # ffmpeg 5.1 does not verify certificates unless asked (-tls_verify 1)
-        code, stderr = await run_ffmpeg(guard, f"https://{ALLOWED_HOST}:{port}/media/tone.mp3")
+        # the guard speaks TLS upstream and verifies the certificate (ffmpeg 5.1 would not)
+        trusting = ssl.create_default_context(cafile=str(tls_files[0]))
+        async with FetchGuard(allow=TEST_ALLOW, tls=trusting) as guard:
+            code, stderr = await run_ffmpeg(guard, f"https://{ALLOWED_HOST}:{port}/media/tone.mp3")
+        async with FetchGuard(allow=TEST_ALLOW) as untrusting:
+            refused, _ = await run_ffmpeg(untrusting, f"https://{ALLOWED_HOST}:{port}/media/tone.mp3")
     finally:
         await runner.cleanup()
     assert code == 0, stderr
+    assert refused != 0  # an unverifiable certificate is not fetched
     assert origin.hits == ["/media/tone.mp3"]
 
 
@@ -484,3 +492,72 @@ async def test_a_request_the_proxy_does_not_serve_gets_400(guard: FetchGuard) ->
         writer.close()
     assert response.startswith(b"HTTP/1.1 400")
     assert guard.blocked == []
+
+
+# --- the job's media budget: every input and segment together
+
+
+def segment_sizes(media_dir: Path) -> list[int]:
+    """Bytes of each HLS segment of the test playlist."""
+    return [path.stat().st_size for path in sorted(media_dir.glob("seg*.ts"))]
+
+
+async def test_hls_segments_that_each_fit_but_together_pass_the_media_budget_fail_source_too_large(
+    allowed: Origin, media_dir: Path
+) -> None:
+    sizes = segment_sizes(media_dir)
+    assert len(sizes) >= 3
+    budget = max(sizes) + 1  # any one segment fits; the job's segments together do not
+    async with FetchGuard(allow=TEST_ALLOW, media_budget=budget) as budgeted:
+        await run_ffmpeg(budgeted, f"{allowed.base}/media/list.m3u8")
+        error = budgeted.blocked_error()
+    assert error is not None and error.code is ErrorCode.SOURCE_TOO_LARGE, error
+    assert str(budget) in error.detail
+
+
+async def test_an_input_exactly_at_the_media_budget_is_relayed_whole(allowed: Origin, media_dir: Path) -> None:
+    size = (media_dir / "tone.mp3").stat().st_size
+    async with FetchGuard(allow=TEST_ALLOW, media_budget=size) as budgeted:
+        code, stderr = await run_ffmpeg(budgeted, f"{allowed.base}/media/tone.mp3")
+        error = budgeted.blocked_error()
+    assert code == 0 and error is None, stderr
+
+
+async def test_the_proxy_door_of_a_guard_without_a_page_budget_counts_against_the_media_budget(
+    allowed: Origin, media_dir: Path
+) -> None:
+    # the uploader's guard: its proxy door carries the feeder's yt-dlp downloads (DASH fragments)
+    size = (media_dir / "tone.mp3").stat().st_size
+    async with FetchGuard(allow=TEST_ALLOW, media_budget=size // 2) as budgeted:
+        with contextlib.suppress(aiohttp.ClientError):  # cut off mid-body, or before the head
+            await fetch_through(budgeted, f"{allowed.base}/media/tone.mp3")
+        error = budgeted.blocked_error()
+    assert error is not None and error.code is ErrorCode.SOURCE_TOO_LARGE
+
+
+async def test_the_callers_error_names_no_internal_host_while_the_log_keeps_it(
+    guard: FetchGuard, allowed: Origin, forbidden: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="actors.guard.proxy"):
+        await run_ffmpeg(guard, f"{allowed.base}/to-forbidden")
+    error = guard.blocked_error()
+    assert error is not None and error.code is ErrorCode.URL_NOT_ALLOWED
+    assert FORBIDDEN_HOST not in error.detail and str(forbidden.port) not in error.detail
+    assert FORBIDDEN_HOST in caplog.text and "loopback" in caplog.text  # the operator still learns where and why
+
+
+# --- the job's deadline: every connection closed when it passes
+
+
+async def test_the_jobs_deadline_closes_a_live_tunnel_and_fails_the_job_with_timeout(allowed: Origin) -> None:
+    async with FetchGuard(allow=TEST_ALLOW) as guard:  # idle timeout 30 s: only the deadline can end it
+        guard.set_deadline(asyncio.get_running_loop().time() + 0.5)
+        reader, writer, head = await connect_raw(guard, f"{ALLOWED_HOST}:{allowed.port}")
+        try:
+            assert head.startswith(b"HTTP/1.1 200")
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # EOF at the deadline, long before the idle timeout
+        finally:
+            writer.close()
+        error = guard.blocked_error()
+    assert error is not None and error.code is ErrorCode.TIMEOUT

@@ -41,8 +41,8 @@ FORMATS = ("mp3", "m4a", "opus", "wav")
 def convert_message(url: str, fmt: str, job_id: str) -> tuple[str, bytes, dict[str, object]]:
     """A ConvertRequested as another system writes it: a dict dumped to JSON, AMQP properties by hand."""
     body = json.dumps({"type": "convert_requested", "url": url, "format": fmt, "job_id": job_id}).encode()
-    return "convert", body, {"content_type": "application/json", "type": "convert_requested",
-                             "message_id": f"load-msg-{job_id}"}
+    return "convert.default", body, {"content_type": "application/json", "type": "convert_requested",
+                                     "message_id": f"load-msg-{job_id}"}
 
 
 async def test_two_hundred_jobs_published_at_once_all_complete(
@@ -74,7 +74,8 @@ async def test_two_hundred_jobs_published_at_once_all_complete(
                   seconds_to_complete=finished, jobs_per_second=round(LOAD_JOBS / finished, 2),
                   completed=completed, stored_objects=len(keys),
                   peak_rss_mib={name: round(kib / 1024, 1) for name, kib in peaks.items() if kib})
-    assert completed == LOAD_JOBS, {i: cluster.finals[i] for i in ids if not isinstance(cluster.finals[i], JobCompleted)}
+    assert completed == LOAD_JOBS, {i: cluster.finals[i] for i in ids
+                                    if not isinstance(cluster.finals[i], JobCompleted)}
     assert len(keys) == LOAD_JOBS and set(keys_per_job(keys).values()) == {1}, "none lost, none duplicated"
     assert all(cluster.final_counts[i] == 1 for i in ids)
     assert all(peaks.values()), "every actor process was alive at the end"

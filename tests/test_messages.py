@@ -101,3 +101,18 @@ def test_the_schema_command_writes_every_public_message(tmp_path):
                                                           "job_failed"))
     schema = json.loads((tmp_path / "convert_requested.schema.json").read_text())
     assert {"url", "format"} <= set(schema["required"])
+
+
+def test_every_error_code_is_documented_in_messages_md():
+    from messages.errors import ErrorCode
+
+    table = (ROOT / "docs" / "MESSAGES.md").read_text()
+    missing = [code.value for code in ErrorCode if f"| `{code.value}` |" not in table]
+    assert not missing, f"docs/MESSAGES.md lacks error codes {missing}"
+
+
+def test_storage_repeats_exactly_the_job_id_shape_of_the_wire_contract() -> None:
+    from messages.types import JOB_ID_SHAPE
+    from storage.keys import JOB_ID_PATTERN
+
+    assert JOB_ID_PATTERN.pattern == f"^{JOB_ID_SHAPE}$"

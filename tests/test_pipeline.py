@@ -100,7 +100,7 @@ async def test_video_only_source_to_audio_format_fails_with_no_media_found(pipel
         ("file:///etc/passwd", ErrorCode.UNSUPPORTED_URL),
         ("ftp://127.0.0.1/a.mp4", ErrorCode.UNSUPPORTED_URL),
         ("{server}/empty.html", ErrorCode.NO_MEDIA_FOUND),
-        ("{server}/missing", ErrorCode.MEDIA_UNAVAILABLE),
+        ("{server}/missing", ErrorCode.MEDIA_REMOVED),
         ("{server}/not_media.mp4", ErrorCode.NO_MEDIA_FOUND),
         ("http://127.0.0.2:9/a.mp4", ErrorCode.URL_NOT_ALLOWED),
     ],
@@ -125,12 +125,33 @@ async def test_a_source_longer_than_the_limit_fails_with_too_long(storage_config
     assert isinstance(clip, JobFailed) and clip.error.code == ErrorCode.TOO_LONG
 
 
+async def test_a_source_past_the_jobs_media_budget_fails_source_too_large_and_stores_nothing(
+        storage_config, storage, media_server, media_files):
+    size = media_files.path("av_h264_aac.mp4").stat().st_size
+    async with memory_pipeline(storage_config, storage, max_source_bytes=size // 2) as pipeline:
+        # the uploader's guard cuts ffmpeg's input at the budget; that is not taken for the source's end
+        final = await pipeline.run(ConvertRequested(url=media_server.url("av_h264_aac.mp4"), format="wav"))
+        assert await pipeline.stored_keys() == []
+        assert await pipeline.storage.list_multipart_uploads() == []
+    assert isinstance(final, JobFailed) and final.error.code == ErrorCode.SOURCE_TOO_LARGE, final
+    assert final.stage == Stage.CONVERTING and not final.error.retryable
+    assert str(size // 2) in final.error.detail
+
+
 async def test_a_source_cut_off_mid_stream_never_completes_as_good(pipeline, media_server):
     final = await pipeline.run(ConvertRequested(url=media_server.url("cutoff/av_h264_aac.mp4"), format="mp3"))
     assert isinstance(final, JobFailed), "a cut-off source must not look complete"
     assert final.error.code in (ErrorCode.VERIFICATION_FAILED, ErrorCode.MEDIA_UNAVAILABLE,
                                 ErrorCode.CONVERSION_FAILED)
     assert await pipeline.stored_keys() == []
+    assert await pipeline.storage.list_multipart_uploads() == []
+
+
+async def test_a_source_cut_off_half_way_fails_in_the_uploader_before_anything_is_stored(pipeline, media_server):
+    final = await pipeline.run(ConvertRequested(url=media_server.url("cutoff/av_h264_aac.mp4"), format="wav"))
+    assert isinstance(final, JobFailed) and final.error.code == ErrorCode.CONVERSION_FAILED, final
+    assert final.stage == Stage.CONVERTING and "ends early" in final.error.detail
+    assert await pipeline.stored_keys() == []  # the single PUT was never sent
     assert await pipeline.storage.list_multipart_uploads() == []
 
 

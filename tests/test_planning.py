@@ -3,38 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from actors.ffmpeg import LineTail
 from actors.planning import (
     HLS_PROTOCOLS,
     HTTP_PROTOCOLS,
+    MAX_COVER_PIXELS,
+    MAX_VIDEO_PIXELS,
     SAFETY_MARGIN,
     SLACK_BYTES,
+    SOURCE_BYTES_PER_SECOND,
+    SOURCE_SLACK_BYTES,
+    STAGE_SPANS,
+    CoverInput,
+    ImageDemuxer,
     Limits,
     MonotonicProgress,
-    ProgressReader,
     SourceInfo,
     SourceInput,
     allowed_qualities,
     check_output_duration,
     codec_name,
+    cover_demuxer,
     default_quality,
     ffmpeg_argv,
+    output_args,
     parse_progress_block,
     plan_media,
     progress_percent,
+    source_budget,
     validate_request,
 )
 from actors.probe import ffprobe, parse_probe_json, probe_argv
+from actors.uploader import memory_file
 from messages.errors import ErrorCode, JobError
 from messages.types import ConvertRequested, Format, InputVia, MediaPlan, Quality, Stage
 
 MiB = 1024 * 1024
-LIMITS = Limits(max_duration=4 * 3600, max_output_bytes=4 * 1024 * MiB, network_timeout=30)
+NETWORK_TIMEOUT = 30
+LIMITS = Limits(max_duration=4 * 3600, max_output_bytes=4 * 1024 * MiB, )
 AUDIO_FORMATS = [f for f in Format if not f.is_video]
 VIDEO_FORMATS = [f for f in Format if f.is_video]
 
@@ -67,6 +81,24 @@ def source(**kw) -> SourceInfo:
 def plan(fmt: Format, quality: Quality | None = None, *, src: SourceInfo | None = None, limits=LIMITS, **req):
     """plan_media for ``fmt`` with the default source."""
     return plan_media(request=request(fmt, quality, **req), source=src or source(), limits=limits)
+
+
+def argv_of(p: MediaPlan, **kw) -> list[str]:
+    """ffmpeg's argv for ``p`` as the uploader builds it (30 s network timeout)."""
+    return ffmpeg_argv(p, network_timeout=NETWORK_TIMEOUT, **kw)
+
+
+def out(p: MediaPlan) -> list[str]:
+    """The options after the inputs, with the cover mapped when the plan has one."""
+    return output_args(p, with_cover=p.thumbnail_url is not None)
+
+
+def inp(p: MediaPlan, **kw) -> list[list[str]]:
+    """The options before each ``-i`` of the argv, one list per input."""
+    argv = argv_of(p, **kw)
+    ends = [i for i, a in enumerate(argv) if a == "-i"]
+    starts = [argv.index("-progress") + 2] + [i + 2 for i in ends]
+    return [argv[start:end] for start, end in zip(starts[: len(ends)], ends, strict=True)]
 
 
 def opt(args: list[str], flag: str) -> str | None:
@@ -143,7 +175,7 @@ def test_clip_longer_than_the_limit_is_too_long_before_any_fetch():
 )
 def test_every_format_and_quality_plans_a_bounded_pipe_output(fmt, quality):
     p = plan(fmt, quality)
-    args = p.output_args
+    args = out(p)
     assert p.format is fmt and p.quality is quality
     assert args[-2:] == ["-f", {"m4a": "ipod"}.get(fmt.value, fmt.value)]
     assert int(opt(args, "-fs")) == p.max_bytes <= LIMITS.max_output_bytes
@@ -155,8 +187,8 @@ def test_every_format_and_quality_plans_a_bounded_pipe_output(fmt, quality):
     if fmt.is_video:
         assert p.expect_codecs["video"] == {"mp4": "h264", "webm": "vp9"}[fmt.value]
         assert "0:V:0" in args  # never a cover picture as the video
-    argv = ffmpeg_argv(p)
-    assert argv[-1] == "pipe:1" and "pipe:1" not in p.output_args
+    argv = argv_of(p)
+    assert argv[-1] == "pipe:1" and "pipe:1" not in out(p)
 
 
 def test_content_types_match_the_formats():
@@ -169,14 +201,14 @@ def test_content_types_match_the_formats():
 
 @pytest.mark.parametrize("quality", [Quality.K128, Quality.K192, Quality.K320])
 def test_mp3_is_constant_bitrate_lame(quality):
-    args = plan(Format.MP3, quality).output_args
+    args = out(plan(Format.MP3, quality))
     assert opt(args, "-c:a") == "libmp3lame" and opt(args, "-b:a") == f"{quality.value}k"
     assert "-q:a" not in args and "-abr" not in args
 
 
 def test_mp3_best_keeps_an_mp3_source_and_encodes_anything_else_at_320():
-    assert opt(plan(Format.MP3, Quality.BEST, src=source(audio_codec="mp3")).output_args, "-c:a") == "copy"
-    args = plan(Format.MP3, Quality.BEST, src=source(audio_codec="opus")).output_args
+    assert opt(out(plan(Format.MP3, Quality.BEST, src=source(audio_codec="mp3"))), "-c:a") == "copy"
+    args = out(plan(Format.MP3, Quality.BEST, src=source(audio_codec="opus")))
     assert opt(args, "-c:a") == "libmp3lame" and opt(args, "-b:a") == "320k"
 
 
@@ -190,75 +222,75 @@ def test_mp3_best_keeps_an_mp3_source_and_encodes_anything_else_at_320():
     ],
 )
 def test_best_copies_source_audio_the_container_allows(fmt, copyable, other):
-    assert opt(plan(fmt, Quality.BEST, src=source(audio_codec=copyable)).output_args, "-c:a") == "copy"
-    assert opt(plan(fmt, Quality.BEST, src=source(audio_codec=other)).output_args, "-c:a") != "copy"
+    assert opt(out(plan(fmt, Quality.BEST, src=source(audio_codec=copyable))), "-c:a") == "copy"
+    assert opt(out(plan(fmt, Quality.BEST, src=source(audio_codec=other))), "-c:a") != "copy"
 
 
 def test_copied_aac_into_mp4_gets_the_adts_filter_for_hls_sources():
-    assert opt(plan(Format.M4A, Quality.BEST).output_args, "-bsf:a") == "aac_adtstoasc"
-    assert opt(plan(Format.MP4, Quality.P720).output_args, "-bsf:a") == "aac_adtstoasc"
+    assert opt(out(plan(Format.M4A, Quality.BEST)), "-bsf:a") == "aac_adtstoasc"
+    assert opt(out(plan(Format.MP4, Quality.P720)), "-bsf:a") == "aac_adtstoasc"
 
 
 def test_m4a_is_fragmented_with_a_fragment_duration():
-    args = plan(Format.M4A).output_args
+    args = out(plan(Format.M4A))
     assert opt(args, "-movflags") == "+frag_keyframe+empty_moov+default_base_moof"
     assert opt(args, "-frag_duration") == "1000000"
     assert opt(args, "-c:a") == "aac" and opt(args, "-b:a") == "192k"
 
 
 def test_opus_goes_into_ogg_and_wav_is_16_bit_pcm():
-    opus = plan(Format.OPUS, Quality.K96).output_args
+    opus = out(plan(Format.OPUS, Quality.K96))
     assert (opt(opus, "-c:a"), opt(opus, "-b:a"), opt(opus, "-f")) == ("libopus", "96k", "opus")
-    assert opt(plan(Format.WAV).output_args, "-c:a") == "pcm_s16le"
+    assert opt(out(plan(Format.WAV)), "-c:a") == "pcm_s16le"
 
 
 def test_mp4_remuxes_h264_aac_within_the_height_limit():
     p = plan(Format.MP4, Quality.P720, src=source(height=720))
-    assert opt(p.output_args, "-c:v") == "copy" and opt(p.output_args, "-c:a") == "copy"
-    assert opt(p.output_args, "-movflags") == "+frag_keyframe+empty_moov+default_base_moof"
-    assert "-vf" not in p.output_args
+    assert opt(out(p), "-c:v") == "copy" and opt(out(p), "-c:a") == "copy"
+    assert opt(out(p), "-movflags") == "+frag_keyframe+empty_moov+default_base_moof"
+    assert "-vf" not in out(p)
 
 
 def test_mp4_transcodes_a_source_taller_than_the_limit_without_upscaling():
-    args = plan(Format.MP4, Quality.P480, src=source(height=1080)).output_args
+    args = out(plan(Format.MP4, Quality.P480, src=source(height=1080)))
     assert opt(args, "-c:v") == "libx264" and opt(args, "-preset") == "veryfast" and opt(args, "-crf")
     assert opt(args, "-vf") == "scale=-2:'2*trunc(min(ih,480)/2)'"
     assert opt(args, "-maxrate") and opt(args, "-pix_fmt") == "yuv420p"
 
 
 def test_unknown_height_or_wrong_codec_is_transcoded():
-    assert opt(plan(Format.MP4, Quality.P720, src=source(height=None)).output_args, "-c:v") == "libx264"
-    args = plan(
+    assert opt(out(plan(Format.MP4, Quality.P720, src=source(height=None))), "-c:v") == "libx264"
+    args = out(plan(
         Format.MP4, Quality.BEST, src=source(video_codec="vp09.00.40.08", audio_codec="opus")
-    ).output_args
+    ))
     assert opt(args, "-c:v") == "libx264" and opt(args, "-c:a") == "aac"
 
 
 def test_best_video_remuxes_any_height_of_a_fitting_codec():
-    assert opt(plan(Format.MP4, Quality.BEST, src=source(height=2160)).output_args, "-c:v") == "copy"
+    assert opt(out(plan(Format.MP4, Quality.BEST, src=source(height=2160))), "-c:v") == "copy"
 
 
 def test_a_clip_with_a_start_encodes_every_stream_so_it_starts_on_time():
-    args = plan(Format.MP4, Quality.P720, start=30, end=60).output_args
+    args = out(plan(Format.MP4, Quality.P720, start=30, end=60))
     assert opt(args, "-c:v") == "libx264" and opt(args, "-c:a") == "aac"
     assert (
-        opt(plan(Format.MP3, Quality.BEST, src=source(audio_codec="mp3"), start=30).output_args, "-c:a")
+        opt(out(plan(Format.MP3, Quality.BEST, src=source(audio_codec="mp3"), start=30)), "-c:a")
         == "libmp3lame"
     )
 
 
 def test_webm_is_realtime_vp9_with_opus():
-    args = plan(Format.WEBM, Quality.P360).output_args
+    args = out(plan(Format.WEBM, Quality.P360))
     assert opt(args, "-c:v") == "libvpx-vp9" and opt(args, "-deadline") == "realtime"
     assert opt(args, "-cpu-used") == "8" and opt(args, "-row-mt") == "1"
     assert opt(args, "-c:a") == "libopus"
     vp9_opus = source(video_codec="vp9", audio_codec="opus", height=360)
-    assert opt(plan(Format.WEBM, Quality.P360, src=vp9_opus).output_args, "-c:v") == "copy"
+    assert opt(out(plan(Format.WEBM, Quality.P360, src=vp9_opus)), "-c:v") == "copy"
 
 
 def test_unclipped_webm_has_no_time_cap_because_it_would_become_the_header_duration():
-    assert "-t" not in plan(Format.WEBM).output_args
-    assert opt(plan(Format.WEBM, end=30).output_args, "-t") == "30.000"
+    assert "-t" not in out(plan(Format.WEBM))
+    assert opt(out(plan(Format.WEBM, end=30)), "-t") == "30.000"
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -266,32 +298,32 @@ def test_unclipped_webm_has_no_time_cap_because_it_would_become_the_header_durat
 
 def test_each_input_is_hardened_and_seeks_before_it_is_opened():
     p = plan(Format.MP3, start=12.5, embed_thumbnail=False)
-    args = p.input_args[0]
+    args = inp(p)[0]
     assert opt(args, "-protocol_whitelist") == HTTP_PROTOCOLS and "file" not in HTTP_PROTOCOLS.split(",")
     assert opt(args, "-rw_timeout") == str(30 * 1_000_000)
     assert opt(args, "-reconnect") == "1" and opt(args, "-ss") == "12.500"
     assert opt(args, "-headers") == "User-Agent: UA/1\r\n"
-    argv = ffmpeg_argv(p)
+    argv = argv_of(p)
     assert argv.index("-ss") < argv.index("-i") and argv[argv.index("-i") + 1] == p.inputs[0].url
 
 
 def test_header_values_cannot_inject_extra_headers():
     src = source(inputs=[SourceInput(url="https://a.example/x", headers={"Cookie": "a=1\r\nX-Evil: 1"})])
-    assert opt(plan(Format.MP3, src=src).input_args[0], "-headers") == "Cookie: a=1X-Evil: 1\r\n"
+    assert opt(inp(plan(Format.MP3, src=src))[0], "-headers") == "Cookie: a=1X-Evil: 1\r\n"
 
 
 def test_hls_input_gets_the_hls_whitelist_without_file():
     src = source(inputs=[SourceInput(url="https://a.example/master.m3u8", protocol="m3u8_native")])
-    args = plan(Format.MP4, src=src).input_args[0]
+    args = inp(plan(Format.MP4, src=src))[0]
     assert opt(args, "-protocol_whitelist") == HLS_PROTOCOLS and "file" not in HLS_PROTOCOLS
 
 
 def test_ytdlp_pipe_input_reads_stdin_with_only_the_pipe_protocol():
     src = source(inputs=[SourceInput(url="https://example.org/watch?v=1", via=InputVia.YTDLP_PIPE)])
     p = plan(Format.MP3, src=src, embed_thumbnail=False)
-    assert opt(p.input_args[0], "-protocol_whitelist") == "pipe"
+    assert opt(inp(p)[0], "-protocol_whitelist") == "pipe"
     assert p.inputs[0].url == "https://example.org/watch?v=1"  # the uploader hands it to yt-dlp
-    argv = ffmpeg_argv(p)
+    argv = argv_of(p)
     assert argv[argv.index("-i") + 1] == "pipe:0"
 
 
@@ -304,14 +336,14 @@ def test_separate_video_and_audio_inputs_are_both_mapped_and_seeked():
     )
     p = plan(Format.MP4, Quality.P720, src=src, start=3)
     assert [i.kind for i in p.inputs] == ["video", "audio"]
-    assert "0:V:0" in p.output_args and "1:a:0" in p.output_args
-    assert all(opt(a, "-ss") == "3.000" for a in p.input_args)
+    assert "0:V:0" in out(p) and "1:a:0" in out(p)
+    assert all(opt(a, "-ss") == "3.000" for a in inp(p))
     audio_only = plan(Format.MP3, src=src, embed_thumbnail=False)
-    assert [i.kind for i in audio_only.inputs] == ["audio"] and "0:a:0" in audio_only.output_args
+    assert [i.kind for i in audio_only.inputs] == ["audio"] and "0:a:0" in out(audio_only)
 
 
 def test_global_flags_and_progress_come_first_and_stdin_is_never_read_as_keys():
-    argv = ffmpeg_argv(plan(Format.MP3), progress_fd="pipe:3")
+    argv = argv_of(plan(Format.MP3), progress_fd="pipe:3")
     assert argv[:7] == ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-nostats", "-progress"]
     assert argv[7] == "pipe:3"
 
@@ -320,7 +352,7 @@ def test_global_flags_and_progress_come_first_and_stdin_is_never_read_as_keys():
 
 
 def test_metadata_tags_carry_title_artist_date_and_source_url():
-    args = plan(Format.M4A).output_args
+    args = out(plan(Format.M4A))
     tags = [args[i + 1] for i, a in enumerate(args) if a == "-metadata"]
     assert tags == [
         "title=A Song",
@@ -332,23 +364,30 @@ def test_metadata_tags_carry_title_artist_date_and_source_url():
 
 
 def test_no_metadata_when_not_asked_and_source_tags_are_dropped_anyway():
-    args = plan(Format.M4A, embed_metadata=False).output_args
+    args = out(plan(Format.M4A, embed_metadata=False))
     assert "-metadata" not in args and opt(args, "-map_metadata") == "-1"
 
 
 def test_mp3_embeds_the_thumbnail_as_a_small_attached_picture():
     p = plan(Format.MP3)
-    assert p.inputs[-1].url == "https://cdn.example.org/t.jpg" and p.thumbnail_url == p.inputs[-1].url
-    args = p.output_args
+    assert p.thumbnail_url == "https://cdn.example.org/t.jpg" and len(p.inputs) == 1
+    cover = CoverInput(fd=7, demuxer=ImageDemuxer.JPEG)
+    argv = argv_of(p, cover=cover)
+    # the picture is read from the uploader's descriptor with a forced image demuxer and a pixel cap
+    cover_opts = inp(p, cover=cover)[-1]
+    assert argv[argv.index("pipe:7") - 1] == "-i" and p.thumbnail_url not in argv
+    assert opt(cover_opts, "-f") == "jpeg_pipe" and opt(cover_opts, "-protocol_whitelist") == "pipe"
+    assert int(opt(cover_opts, "-max_pixels")) == MAX_COVER_PIXELS and "-ss" not in cover_opts
+    args = out(p)
     assert "1:v:0" in args and opt(args, "-disposition:v") == "attached_pic" and opt(args, "-c:v") == "mjpeg"
     assert opt(args, "-flush_packets") == "0"  # keeps the ID3 tag patchable on a pipe
-    assert "-ss" not in p.input_args[-1]
+    assert "1:v:0" not in argv_of(p)  # without a fetched picture there is no cover input at all
 
 
 def test_m4a_and_unasked_formats_skip_cover_art():
-    assert len(plan(Format.M4A).inputs) == 1  # a fragmented m4a on a pipe cannot carry one
-    assert len(plan(Format.MP3, embed_thumbnail=False).inputs) == 1
-    assert len(plan(Format.MP3, src=source(thumbnail_url=None)).inputs) == 1
+    assert plan(Format.M4A).thumbnail_url is None  # a fragmented m4a on a pipe cannot carry one
+    assert plan(Format.MP3, embed_thumbnail=False).thumbnail_url is None
+    assert plan(Format.MP3, src=source(thumbnail_url=None)).thumbnail_url is None
 
 
 # ------------------------------------------------------------------------------------ limits
@@ -362,7 +401,7 @@ def test_source_longer_than_the_limit_is_too_long():
 
 def test_a_clip_of_a_long_source_fits_the_limit():
     p = plan(Format.MP3, src=source(duration=5 * 3600), start=100, end=400)
-    assert p.duration == 300 and opt(p.output_args, "-t") == "300.000"
+    assert p.duration == 300 and opt(out(p), "-t") == "300.000"
 
 
 def test_end_past_the_source_is_clipped_to_the_source_and_start_past_it_is_refused():
@@ -372,8 +411,28 @@ def test_end_past_the_source_is_clipped_to_the_source_and_start_past_it_is_refus
     assert caught.value.code is ErrorCode.INVALID_REQUEST
 
 
+def test_the_media_budget_is_the_seconds_read_at_100_mbit_plus_slack_and_never_above_the_setting():
+    whole = plan(Format.MP3)  # 600 s, capped at 600 × 1.05 + 5 s by -t
+    seconds = whole.max_seconds if whole.max_seconds is not None else whole.duration
+    expected = math.ceil(seconds * SOURCE_BYTES_PER_SECOND) + SOURCE_SLACK_BYTES
+    assert source_budget(whole, max_source_bytes=10**12) == expected
+    assert source_budget(whole, max_source_bytes=MiB) == MiB
+    clip = plan(Format.MP3, start=500, end=510)  # reading reaches 510 s into the source
+    assert source_budget(clip, max_source_bytes=10**12) >= 510 * SOURCE_BYTES_PER_SECOND
+    unknown = msgspec.structs.replace(whole, duration=0, max_seconds=None)
+    assert source_budget(unknown, max_source_bytes=7 * MiB) == 7 * MiB  # only the setting bounds it
+
+
+def test_every_input_and_the_probe_are_bounded_in_pixels():
+    for p in (plan(Format.MP4, Quality.P720), plan(Format.MP3)):
+        for options in inp(p):
+            assert int(opt(options, "-max_pixels")) == MAX_VIDEO_PIXELS
+    argv = probe_argv("https://cdn.example.org/v.mp4", timeout=5)
+    assert int(argv[argv.index("-max_pixels") + 1]) == MAX_VIDEO_PIXELS and argv.index("-max_pixels") < argv.index("-i")
+
+
 def test_output_estimated_above_the_size_limit_is_too_large():
-    small = Limits(max_duration=4 * 3600, max_output_bytes=50 * MiB, network_timeout=30)
+    small = Limits(max_duration=4 * 3600, max_output_bytes=50 * MiB, )
     with pytest.raises(JobError) as caught:
         plan(Format.WAV, limits=small)  # 600 s of 48 kHz stereo PCM ≈ 110 MiB
     assert caught.value.code is ErrorCode.TOO_LARGE
@@ -392,20 +451,20 @@ def test_audio_format_without_audio_and_video_format_without_video_find_no_media
             plan(fmt, src=src)
         assert caught.value.code is ErrorCode.NO_MEDIA_FOUND
     video_only = plan(Format.MP4, src=source(has_audio=False))
-    assert video_only.expect_codecs == {"video": "h264"} and "0:a:0" not in video_only.output_args
+    assert video_only.expect_codecs == {"video": "h264"} and "0:a:0" not in out(video_only)
 
 
 def test_cbr_estimate_and_max_bytes_follow_the_documented_formula():
     p = plan(Format.MP3, Quality.K192, embed_thumbnail=False)
     assert p.estimated_bytes == 192_000 // 8 * 600
     assert p.max_bytes == math.ceil(p.estimated_bytes * SAFETY_MARGIN) + SLACK_BYTES
-    assert opt(p.output_args, "-t") == f"{600 * 1.05 + 5:.3f}"
+    assert opt(out(p), "-t") == f"{600 * 1.05 + 5:.3f}"
 
 
 def test_unknown_duration_plans_zero_and_caps_at_the_limits():
     p = plan(Format.MP3, src=source(duration=None))
     assert p.duration == 0 and p.estimated_bytes == 0
-    assert p.max_bytes == LIMITS.max_output_bytes and opt(p.output_args, "-t") == f"{LIMITS.max_duration:.3f}"
+    assert p.max_bytes == LIMITS.max_output_bytes and opt(out(p), "-t") == f"{LIMITS.max_duration:.3f}"
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -446,15 +505,6 @@ def test_progress_block_reads_microseconds_from_out_time_ms_and_handles_na():
     assert (
         parse_progress_block(["out_time_us=-9223372036854775807", "progress=continue"])["out_time_s"] is None
     )
-
-
-def test_progress_reader_splits_blocks_and_keeps_error_lines_apart():
-    reader = ProgressReader()
-    lines = ["out_time_us=1000000\n", "[http @ 0x1] Stream ends prematurely\n", "progress=continue\n",
-             "out_time_us=2000000\n", "progress=end\n"]  # fmt: skip
-    blocks = [b for b in map(reader.feed, lines) if b is not None]
-    assert [b["out_time_s"] for b in blocks] == [1.0, 2.0] and blocks[-1]["end"] is True
-    assert reader.other == ["[http @ 0x1] Stream ends prematurely"]
 
 
 def test_output_ending_early_is_a_conversion_failure():
@@ -516,19 +566,29 @@ def served_source(server, name: str, **kw) -> SourceInfo:
     return SourceInfo(inputs=[SourceInput(url=server.url(name), protocol=protocol)], duration=6.0, **fields)
 
 
-async def run_plan(p: MediaPlan, tmp_path: Path) -> tuple[Path, list[dict]]:
-    """Run ``ffmpeg_argv(p)`` with stdout into memory; write the bytes to tmp_path for probing."""
-    proc = await asyncio.create_subprocess_exec(
-        *ffmpeg_argv(p),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    async with asyncio.timeout(CONVERT_TIMEOUT_S):
-        stdout, stderr = await proc.communicate()
-    reader = ProgressReader()
-    blocks = [b for b in map(reader.feed, stderr.decode(errors="replace").splitlines()) if b is not None]
-    assert proc.returncode == 0, reader.other
+async def run_plan(p: MediaPlan, tmp_path: Path, *, cover: bytes | None = None) -> tuple[Path, list[dict]]:
+    """Run ``ffmpeg_argv(p)`` with stdout into memory (``cover`` as the picture it reads from a
+    memory file, as the uploader hands it over); write the bytes to tmp_path for probing."""
+    with contextlib.ExitStack() as files:
+        cover_input = None
+        if cover is not None:
+            demuxer = cover_demuxer(cover)
+            assert isinstance(demuxer, ImageDemuxer), demuxer
+            cover_input = CoverInput(fd=files.enter_context(memory_file(cover)), demuxer=demuxer)
+        proc = await asyncio.create_subprocess_exec(
+            *argv_of(p, cover=cover_input),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=(cover_input.fd,) if cover_input else (),
+        )
+        async with asyncio.timeout(CONVERT_TIMEOUT_S):
+            stdout, stderr = await proc.communicate()
+    blocks: list[dict] = []
+    tail = LineTail(on_block=lambda lines: blocks.append(parse_progress_block(lines)))  # the uploader's reader
+    for line in stderr.decode(errors="replace").splitlines():
+        tail.feed(line)
+    assert proc.returncode == 0, list(tail.lines)
     assert 0 < len(stdout) <= p.max_bytes
     out = tmp_path / f"out.{p.extension}"
     out.write_bytes(stdout)
@@ -540,11 +600,11 @@ def assert_duration(actual: float | None, expected: float) -> None:
     assert actual is not None and abs(actual - expected) <= max(0.5, 0.02 * expected), (actual, expected)
 
 
-async def convert_and_probe(server, tmp_path, name, fmt, quality=None, *, src_kw=None, **req):
+async def convert_and_probe(server, tmp_path, name, fmt, quality=None, *, src_kw=None, cover=None, **req):
     """Plan, run, probe: the probe result, the plan and the progress blocks."""
     src = served_source(server, name, **(src_kw or {}))
     p = plan_media(request=request(fmt, quality, **req), source=src, limits=LIMITS)
-    out, blocks = await run_plan(p, tmp_path)
+    out, blocks = await run_plan(p, tmp_path, cover=cover)
     probed = await ffprobe(str(out), timeout=30, count_packets=True)
     for kind, codec in p.expect_codecs.items():
         stream = probed.first(kind)
@@ -579,11 +639,11 @@ async def test_real_conversion_over_loopback_has_the_planned_codecs_and_duration
 
 async def test_remux_copies_and_transcode_from_webm_encodes(media_server, tmp_path):
     _, remux, _ = await convert_and_probe(media_server, tmp_path, "av_h264_aac.mp4", Format.MP4, Quality.P720)
-    assert opt(remux.output_args, "-c:v") == "copy"
+    assert opt(out(remux), "-c:v") == "copy"
     _, transcode, _ = await convert_and_probe(
         media_server, tmp_path, "av_vp9_opus.webm", Format.MP4, Quality.P720
     )
-    assert opt(transcode.output_args, "-c:v") == "libx264"
+    assert opt(out(transcode), "-c:v") == "libx264"
 
 
 async def test_clip_start_and_end_give_the_clipped_duration(media_server, tmp_path):
@@ -608,7 +668,8 @@ async def test_metadata_tags_are_in_the_output(media_server, tmp_path):
 async def test_mp3_cover_art_is_an_attached_picture_and_keeps_the_duration_right(media_server, tmp_path):
     src_kw = {"thumbnail_url": media_server.url("thumbnail.jpg")}
     probed, p, _ = await convert_and_probe(
-        media_server, tmp_path, "av_h264_aac.mp4", Format.MP3, src_kw=src_kw
+        media_server, tmp_path, "av_h264_aac.mp4", Format.MP3, src_kw=src_kw,
+        cover=media_server.root.joinpath("thumbnail.jpg").read_bytes(),
     )
     pictures = [s for s in probed.streams if s.attached_pic]
     assert (
@@ -648,3 +709,22 @@ async def test_source_cut_off_mid_stream_is_caught_by_the_output_time_check(medi
     assert any(
         r.path == "/cutoff/av_h264_aac.mp4" and r.range for r in media_server.requests
     )  # it did try to resume
+
+
+def test_progress_spans_follow_the_one_stage_order_without_gaps_or_overlaps():
+    from messages.types import STAGE_ORDER
+
+    assert tuple(STAGE_SPANS) == STAGE_ORDER
+    spans = [STAGE_SPANS[stage] for stage in STAGE_ORDER[1:]]
+    assert spans[0][0] == 0.0 and spans[-1] == (100.0, 100.0)
+    assert all(last == following[0] for (_, last), following in itertools.pairwise(spans))
+
+
+def test_the_catalog_has_one_consistent_row_per_output_format():
+    from actors.planning import CATALOG, _muxer_args
+
+    assert set(CATALOG) == set(Format)
+    for fmt, spec in CATALOG.items():
+        assert spec.default_quality in spec.qualities and spec.extension == fmt.value
+        assert spec.codecs.audio in spec.codecs.audio_copyable and spec.containers
+        assert _muxer_args(fmt) == [*spec.pipe_args, "-f", spec.muxer]

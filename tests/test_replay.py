@@ -10,8 +10,9 @@ import msgspec
 import pytest
 
 from actors import cli
-from actors.dlq_cmd import UsageError, letters_table, parse_when, redacted
+from actors.cli.dlq import UsageError, letters_table, parse_when, redacted
 from actors.settings import Settings
+from bus.auth import signed
 from bus.base import Bus, DeadLetter, Delivery
 from bus.replay import (
     Action,
@@ -66,7 +67,8 @@ async def plant(bus: Bus, job: str, *, code: str = "internal", at: datetime = T0
     }
     if replays:
         headers[H_REPLAYS] = replays
-    env = envelope_for(message, headers=headers)
+    assert bus.keys is not None
+    env = signed(bus.keys, envelope_for(message, headers=headers), encode(message))  # the service wrote it
     await bus.publish_raw(exchange=DEAD_LETTER_EXCHANGE, routing_key="verifier", body=encode(message),
                           envelope=env, reply_to=reply_to)
     return env
@@ -101,7 +103,7 @@ def letter(*, job: str = "j1", code: str = "internal", at: datetime | None = T0,
         headers[H_REPLAYS] = replays
     return DeadLetter(actor="verifier", envelope=envelope_for(verify(job), headers=headers), body=b"{}",
                       error_code=code, error_message="boom", origin_exchange=origin[0],
-                      origin_routing_key=origin[1], dead_lettered_at=at)
+                      origin_routing_key=origin[1], dead_lettered_at=at, authenticated=True)
 
 
 # ---------------------------------------------------------------------------------- pure decisions
@@ -310,10 +312,32 @@ async def test_replay_above_the_cap_is_refused_and_the_letter_stays(bus: Bus) ->
     assert await dlq_jobs(bus) == []
 
 
-async def test_unroutable_origin_keeps_the_letter_and_reports_why(bus: Bus) -> None:
+async def test_an_origin_that_is_not_a_service_destination_keeps_the_letter_and_reports_why(bus: Bus) -> None:
     await plant(bus, "job-lost", routing_key="nobody-listens-here")
     await plant(bus, "job-ok")
 
+    heard: list[Outcome] = []
+    outcomes = await replay(bus, actor="verifier", filters=LetterFilter(), report=heard.append)
+
+    assert [o.action for o in outcomes] == [Action.SKIPPED, Action.REPLAYED]
+    assert "not one of the service's destinations" in outcomes[0].reason
+    assert heard == outcomes, "each outcome is reported as it happens"
+    assert await dlq_jobs(bus) == ["job-lost"]
+
+
+async def test_a_publish_that_fails_keeps_the_letter_and_reports_why(bus: Bus, monkeypatch) -> None:
+    from bus.base import Unroutable
+
+    await plant(bus, "job-lost")
+    await plant(bus, "job-ok")
+    real = bus.publish_raw
+
+    async def refuse_job_lost(**kw):
+        if kw["envelope"].job_id == "job-lost":
+            raise Unroutable("no queue bound (test)")
+        await real(**kw)
+
+    monkeypatch.setattr(bus, "publish_raw", refuse_job_lost)
     heard: list[Outcome] = []
     outcomes = await replay(bus, actor="verifier", filters=LetterFilter(), report=heard.append)
 
@@ -353,6 +377,7 @@ def _point_cli_at(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     monkeypatch.setenv("GGT_AMQP_URL", settings.amqp_url)
     monkeypatch.setenv("GGT_RETRY_DELAYS", ",".join(str(d) for d in settings.retry_delays))
     monkeypatch.setenv("GGT_DELIVERY_LIMIT", str(settings.delivery_limit))
+    monkeypatch.setenv("GGT_BUS_KEY", settings.bus_key)
 
 
 async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

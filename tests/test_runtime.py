@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
+from actors import metrics
+from actors.planning import progress_percent
 from actors.runtime import Worker
 from bus.base import Bus
-from messages.codec import H_ATTEMPT, H_ORIGIN_ROUTING_KEY, H_RETRY_DELAY_MS, encode, envelope_for
+from messages.codec import H_ATTEMPT, H_ORIGIN_ROUTING_KEY, H_RETRY_DELAY_MS, decode, encode, envelope_for
 from messages.errors import ErrorCode
 from messages.routing import COMMANDS_EXCHANGE
-from messages.types import StepFailed, Verified, VerifyObject
+from messages.types import JobProgress, Stage, StepFailed, Verified, VerifyObject
 from tests.fixtures.broker import bus_settings_of
-from tests.support.buses import dead_letters_of, next_message, receiving, running
+from tests.support.buses import dead_letters_of, next_message, publish_signed, receiving, running
 from tests.support.probe_actor import ProbeActor
 
 
@@ -25,23 +29,75 @@ def probe(bus: Bus, bus_settings, **kw) -> ProbeActor:
     return ProbeActor(settings=bus_settings_of(bus, bus_settings), bus=bus, **kw)
 
 
-async def test_undecodable_message_is_dead_lettered_at_once_and_the_next_is_processed(bus, bus_settings):
+#: undecodable bodies naming job bad-job-0001, and the field the dead letter must name (if any)
+UNDECODABLE = {
+    "a wrong field": (b'{"type":"verify_object","job_id":"bad-job-0001","size":"many"}', ("$.key", "$.size")),
+    # RecursionError out of the decoder must be a decode error too, not a crash redelivered to the limit
+    "JSON nested 50,000 deep": (b'{"type":"verify_object","job_id":"bad-job-0001","x":' + b"[" * 50_000
+                                + b"]" * 50_000 + b"}", ()),
+}
+
+
+@pytest.mark.parametrize("case", list(UNDECODABLE))
+async def test_undecodable_message_is_dead_lettered_at_once_touching_no_job_and_the_next_is_processed(
+        bus, bus_settings, case):
+    body, fields = UNDECODABLE[case]
     actor = probe(bus, bus_settings)
-    bad = envelope_for(verify("bad-job-0001"))
-    await bus.publish_raw(exchange=COMMANDS_EXCHANGE, routing_key="verify_object",
-                          body=b'{"type":"verify_object","job_id":"bad-job-0001","size":"many"}', envelope=bad)
+    bad = await publish_signed(bus, routing_key="verify_object", envelope=envelope_for(verify("bad-job-0001")),
+                               body=body)
     await bus.publish(verify("ok-job-0001"))
     async with running(Worker(actor)), receiving(bus, "coordinator") as coordinator:
         await actor.wait_for(lambda lines: "completed ok-job-0001" in lines)
-        reported = {type(m): m for m in [await next_message(coordinator), await next_message(coordinator)]}
-    [letter] = await dead_letters_of(bus, "verifier", count=1)
+        reported = await next_message(coordinator)
+        [letter] = await dead_letters_of(bus, "verifier", count=1)
+        assert coordinator.empty(), "the job the undecodable envelope names is not failed"
     assert letter.error_code == "undecodable_message"
-    assert "$.key" in letter.error_message or "$.size" in letter.error_message
+    assert not fields or any(field in letter.error_message for field in fields), letter.error_message
     assert letter.envelope.message_id == bad.message_id
+    assert letter.envelope.attempt == 1, "dead-lettered on its first delivery, never retried"
     assert not any("bad-job-0001" in line for line in actor.lines), "the handler never saw it"
-    assert reported[StepFailed].job_id == "bad-job-0001"
-    assert reported[StepFailed].error.code == ErrorCode.UNDECODABLE_MESSAGE
-    assert reported[Verified].job_id == "ok-job-0001"
+    assert isinstance(reported, Verified) and reported.job_id == "ok-job-0001"
+
+
+async def test_a_retried_step_announces_its_wait_to_the_jobs_followers(bus, bus_settings):
+    class Announcing(ProbeActor):
+        stage = Stage.VERIFYING
+
+    actor = Announcing(settings=bus_settings_of(bus, bus_settings), bus=bus)
+    async with bus.subscribe("job.#") as events:
+        await bus.publish(verify("flaky2-job02"))
+        async with running(Worker(actor, rng=random.Random(7))):
+            await actor.wait_for(lambda lines: "completed flaky2-job02" in lines)
+            notices = []
+            async with asyncio.timeout(10):
+                async for envelope, body in events:
+                    message = decode(body, type_name_hint=envelope.type)
+                    if isinstance(message, JobProgress) and message.job_id == "flaky2-job02":
+                        notices.append(message)
+                    if len(notices) == 2:
+                        break
+    retries = bus_settings.max_attempts - 1
+    assert [n.detail.split(" in ")[0] for n in notices] == [
+        f"storage unavailable, retry 1/{retries}", f"storage unavailable, retry 2/{retries}"]
+    assert all(n.stage is Stage.VERIFYING and n.percent == progress_percent(Stage.VERIFYING, 0) for n in notices)
+
+
+async def test_forged_command_without_a_mac_is_dead_lettered_unread_and_counted(bus, bus_settings):
+    actor = probe(bus, bus_settings)
+    before = metrics.UNAUTHENTICATED.labels("verifier")._value.get()
+    forged = verify("forged-job01")
+    await bus.publish_raw(exchange=COMMANDS_EXCHANGE, routing_key="verify_object", body=encode(forged),
+                          envelope=envelope_for(forged))
+    await bus.publish(verify("ok-job-0002"))
+    async with running(Worker(actor)), receiving(bus, "coordinator") as coordinator:
+        await actor.wait_for(lambda lines: "completed ok-job-0002" in lines)
+        reported = await next_message(coordinator)
+        [letter] = await dead_letters_of(bus, "verifier", count=1)
+        assert coordinator.empty(), "nothing is reported about the job a forged command names"
+    assert letter.error_code == "unauthenticated_message"
+    assert not any("forged-job01" in line for line in actor.lines), "the handler never saw it"
+    assert isinstance(reported, Verified) and reported.job_id == "ok-job-0002"
+    assert metrics.UNAUTHENTICATED.labels("verifier")._value.get() == before + 1
 
 
 async def test_message_of_a_newer_major_schema_is_dead_lettered_naming_the_version(bus, bus_settings):
@@ -50,8 +106,7 @@ async def test_message_of_a_newer_major_schema_is_dead_lettered_naming_the_versi
     env = envelope_for(message)
     from msgspec.structs import replace
 
-    await bus.publish_raw(exchange=COMMANDS_EXCHANGE, routing_key="verify_object", body=encode(message),
-                          envelope=replace(env, schema="2.0"))
+    await publish_signed(bus, routing_key="verify_object", body=encode(message), envelope=replace(env, schema="2.0"))
     async with running(Worker(actor)):
         [letter] = await dead_letters_of(bus, "verifier", count=1)
     assert letter.error_code == "undecodable_message"
@@ -76,7 +131,7 @@ async def test_transient_failure_is_retried_with_growing_delays_then_succeeds(bu
     delays = [int(h[H_RETRY_DELAY_MS]) for h in seen_headers[1:]]
     assert attempts == [1, 2, 3]
     assert delays[0] < delays[1], f"delays must grow: {delays}"
-    assert seen_headers[-1][H_ORIGIN_ROUTING_KEY] == "verify_object"
+    assert seen_headers[-1][H_ORIGIN_ROUTING_KEY] == "actor.verifier", "the origin is the delivery retried"
     assert (await dead_letters_of(bus, "verifier", count=0)) == []
 
 
@@ -92,7 +147,7 @@ async def test_failure_that_persists_is_dead_lettered_after_the_last_attempt_wit
     headers = letter.envelope.headers
     assert headers[H_ATTEMPT] == bus_settings.max_attempts
     assert headers["ggt-actor"] == "verifier"
-    assert letter.origin_exchange == COMMANDS_EXCHANGE and letter.origin_routing_key == "verify_object"
+    assert letter.origin_exchange == COMMANDS_EXCHANGE and letter.origin_routing_key == "actor.verifier"
     assert "ggt-first-failure" in headers and letter.dead_lettered_at is not None
     assert isinstance(failed, StepFailed) and failed.error.retryable
 

@@ -42,6 +42,16 @@ def test_job_records_live_under_jobs() -> None:
         job_record_key("../jobs")
 
 
+@pytest.mark.parametrize("owner", ["../x", "a/b", "Alice", "", "a" * 33])
+def test_a_tenant_s_records_live_under_its_own_prefix_and_no_owner_escapes_it(owner) -> None:
+    assert job_record_key("job-00000001", owner="alice") == "jobs/alice/job-00000001.json"
+    if owner:
+        with pytest.raises(ValueError):
+            job_record_key("job-00000001", owner=owner)
+    else:  # no owner: the default tenant's key, as before tenants
+        assert job_record_key("job-00000001", owner=owner) == "jobs/job-00000001.json"
+
+
 def test_format_of_key_reads_the_extension_of_converted_files_only() -> None:
     assert format_of_key("converted/2025/03/job-00000001.flac") == "flac"
     assert format_of_key("jobs/job-00000001.json") is None

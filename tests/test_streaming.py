@@ -18,12 +18,10 @@ import pytest
 from aiohttp import web
 
 from actors.ffmpeg import FfmpegProcess
+from actors.parts import MIN_PART_SIZE, plan_parts
 from actors.streaming import (
-    MIN_PART_SIZE,
     RetryPolicy,
     StreamResult,
-    multipart_etag,
-    plan_parts,
     stream_to_target,
 )
 from actors.webserve import serving
@@ -178,11 +176,6 @@ def test_plan_parts_grows_the_part_size_to_cover_max_bytes_with_the_url_budget()
 def test_plan_parts_never_exceeds_ten_thousand_parts():
     size, count = plan_parts(5 * 1024**4, part_size=5 * MiB, max_urls=50_000)
     assert count <= 10_000 and size * count >= 5 * 1024**4
-
-
-def test_multipart_etag_is_md5_of_part_md5s_with_count():
-    parts = [hashlib.md5(b"a").digest(), hashlib.md5(b"b").digest()]
-    assert multipart_etag(parts) == hashlib.md5(parts[0] + parts[1]).hexdigest() + "-2"
 
 
 # ------------------------------------------------------------------------ sizes, byte for byte

@@ -61,7 +61,8 @@ async def test_put_without_content_length_is_refused_with_411(
     reader, writer = await asyncio.open_connection("127.0.0.1", int(strict_s3.endpoint.rsplit(":", 1)[1]))
     target = url.split(strict_s3.endpoint, 1)[1]
     writer.write(
-        f"PUT {target} HTTP/1.1\r\nHost: {strict_s3.endpoint[7:]}\r\nContent-Type: audio/mpeg\r\nConnection: close\r\n\r\n".encode()
+        f"PUT {target} HTTP/1.1\r\nHost: {strict_s3.endpoint[7:]}\r\n"
+        "Content-Type: audio/mpeg\r\nConnection: close\r\n\r\n".encode()
     )
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)

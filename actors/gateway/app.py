@@ -1,14 +1,16 @@
 """The gateway's assembly: ``make_app`` builds the aiohttp application, ``run_gateway`` serves it.
 
-Middlewares, outermost first: request metrics, JSON errors, API keys + rate limit. CORS (aiohttp-cors)
-wraps the routes when ``GGT_CORS_ORIGINS`` is set. A background subscription to ``job.#`` feeds
-the outcome counts behind /api/storage/stats.
+Middlewares, outermost first: request metrics, security headers (CSP), JSON errors, API keys + rate
+limits. CORS (aiohttp-cors) wraps the routes when ``GGT_CORS_ORIGINS`` is set. ONE background
+subscription to ``job.#`` feeds the outcome counts behind /api/storage/stats and every open event
+stream (fanned out in process). ``settings_problems`` is checked before the gateway starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -17,23 +19,26 @@ from aiohttp import web
 
 from actors import metrics
 from actors.gateway import handlers, sse
-from actors.gateway.auth import Access, access_middleware
+from actors.gateway.auth import Access, access_middleware, parse_api_keys
 from actors.gateway.errors import error_middleware
 from actors.gateway.keys import (
     ACCEPTED,
     BUS,
+    HUB,
+    MONITOR,
     OPTIONS,
     PUBLIC_STORAGE,
     SETTINGS,
     STORAGE,
-    STREAMS,
     TRACKER,
     AcceptedJobs,
     GatewayOptions,
 )
+from actors.gateway.monitor import Monitor
 from actors.gateway.stats import OutcomeTracker
-from actors.jobs import utcnow
+from actors.jobs import owner_of, utcnow
 from actors.settings import Settings
+from bus.auth import verify
 from bus.base import Bus
 from storage import Storage
 
@@ -44,6 +49,74 @@ MAX_BODY_BYTES = 64 * 1024
 #: headers a cross-origin page may send and read
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID")
 CORS_EXPOSE_HEADERS = ("Location", "Retry-After")
+#: what a page served here may load and where it may connect: only this origin, no inline script,
+#: no framing, no plugins (the demo page needs nothing else)
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                           "frame-ancestors 'none'")
+#: longest download URL lifetime S3 accepts for a SigV4 presigned URL (seconds)
+MAX_DOWNLOAD_URL_TTL_S = 7 * 24 * 3600
+#: http_host values that listen beyond this machine although they are not addresses of one interface
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` listens on this machine only (a loopback address or ``localhost``)."""
+    if host in WILDCARD_HOSTS:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def settings_problems(settings: Settings) -> list[str]:
+    """What keeps these settings from serving the gateway safely (empty = fine); pure."""
+    problems: list[str] = []
+    try:
+        keys = parse_api_keys(tuple(settings.api_keys))
+    except ValueError as exc:
+        problems.append(str(exc))
+        keys = ()
+    if not keys and not settings.api_keys and not settings.allow_open_api \
+            and not is_loopback_host(settings.http_host):
+        problems.append(f"GGT_HTTP_HOST={settings.http_host or '(all interfaces)'} is not loopback and "
+                        "GGT_API_KEYS is empty: set keys, or GGT_ALLOW_OPEN_API=true behind an authenticating proxy")
+    if not 1 <= settings.download_url_ttl <= MAX_DOWNLOAD_URL_TTL_S:
+        problems.append(f"GGT_DOWNLOAD_URL_TTL={settings.download_url_ttl} must be 1..{MAX_DOWNLOAD_URL_TTL_S} "
+                        "seconds (S3 refuses presigned URLs valid for more than 7 days)")
+    if settings.sse_streams_per_key < 1:
+        problems.append("GGT_SSE_STREAMS_PER_KEY must be at least 1")
+    if settings.rate_limit_per_minute < 0 or settings.auth_failures_per_minute < 0:
+        problems.append("GGT_RATE_LIMIT_PER_MINUTE and GGT_AUTH_FAILURES_PER_MINUTE must not be negative")
+    if not 0 < settings.http_port < 65536:
+        problems.append(f"GGT_HTTP_PORT={settings.http_port} is not a TCP port")
+    return problems
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse to start (SystemExit naming every problem) on settings ``settings_problems`` rejects."""
+    problems = settings_problems(settings)
+    if problems:
+        raise SystemExit("invalid gateway configuration:\n  " + "\n  ".join(problems)
+                         + "\n(see README.md, Configuration)")
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler):
+    """Every answer carries the Content-Security-Policy and forbids content sniffing."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        exc.headers.setdefault("X-Content-Type-Options", "nosniff")
+        raise
+    if not response.prepared:  # an event stream has sent its headers already (it set none of these)
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
 
 
 @web.middleware
@@ -63,17 +136,31 @@ async def request_metrics(request: web.Request, handler):
         metrics.HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
 
 
-async def _observe_outcomes(app: web.Application) -> AsyncIterator[None]:
-    """Feed every job event to the outcome tracker while the app runs (the task is owned here)."""
-    tracker = app[TRACKER]
+async def _follow_events(app: web.Application) -> AsyncIterator[None]:
+    """The gateway's one subscription: every job event goes to the outcome tracker and to the open
+    streams of its owner's job (the task is owned here; serving starts once it is bound)."""
+    tracker, hub = app[TRACKER], app[HUB]
+    bound = asyncio.Event()
+    keys = app[BUS].keys
 
     async def follow() -> None:
         async with app[BUS].subscribe("job.#") as events:
+            bound.set()
             async for envelope, body in events:
+                if keys is not None and not verify(keys, envelope, body):
+                    # anyone who may write ggt.events could forge a completed job with their own link
+                    log.warning("unsigned event dropped", extra={"job_id": envelope.job_id, "type": envelope.type})
+                    continue
                 if (message := sse.decode_event(envelope, body)) is not None:
                     tracker.observe(message)
+                    hub.dispatch(owner_of(envelope.owner), message)
 
     task = asyncio.create_task(follow())
+    waiting = asyncio.create_task(bound.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():
+        task.result()  # the subscription failed: so does the start
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -82,25 +169,29 @@ async def _observe_outcomes(app: web.Application) -> AsyncIterator[None]:
 
 async def _end_streams(app: web.Application) -> None:
     """At shutdown, end every open event stream (its client reconnects elsewhere with Last-Event-ID)."""
-    for live in list(app[STREAMS]):
-        live.put_nowait(None)
+    app[HUB].end_all()
 
 
 def make_app(settings: Settings, *, bus: Bus, storage: Storage, public_storage: Storage | None = None,
              options: GatewayOptions | None = None) -> web.Application:
-    """The gateway application on a started bus and open storage (both owned by the caller)."""
-    access = Access(api_keys=tuple(settings.api_keys), per_minute=settings.rate_limit_per_minute)
+    """The gateway application on a started bus and open storage (both owned by the caller); ValueError
+    for API keys ``parse_api_keys`` refuses."""
+    options = options or GatewayOptions()
+    access = Access(api_keys=parse_api_keys(tuple(settings.api_keys)), per_minute=settings.rate_limit_per_minute,
+                    failures_per_minute=settings.auth_failures_per_minute)
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[request_metrics, error_middleware, access_middleware(access)])
+                          middlewares=[request_metrics, security_headers, error_middleware,
+                                       access_middleware(access)])
     app[SETTINGS] = settings
     app[BUS] = bus
     app[STORAGE] = storage
     app[PUBLIC_STORAGE] = public_storage or storage
     app[TRACKER] = OutcomeTracker(since=utcnow())
     app[ACCEPTED] = AcceptedJobs()
-    app[STREAMS] = set()
-    app[OPTIONS] = options or GatewayOptions()
-    app.cleanup_ctx.append(_observe_outcomes)
+    app[HUB] = sse.EventHub()
+    app[MONITOR] = Monitor(bus=bus, storage=storage, ttl=options.monitor_ttl, stats_ttl=options.stats_ttl)
+    app[OPTIONS] = options
+    app.cleanup_ctx.append(_follow_events)
     app.on_shutdown.append(_end_streams)
 
     router = app.router
@@ -139,6 +230,7 @@ async def run_gateway(settings: Settings, *, with_actors: Sequence[str] = ()) ->
     from actors.serve import install_stop_signals, local_services, workers
     from actors.wiring import make_bus, storage_config
 
+    check_settings(settings)
     names = list(ACTOR_CLASSES) if "all" in with_actors else list(with_actors)
     everything_here = set(names) >= set(ACTOR_CLASSES)
     if not settings.amqp_url and not everything_here:

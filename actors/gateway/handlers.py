@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from pathlib import Path
 
@@ -12,8 +13,19 @@ from aiohttp import web
 
 from actors import metrics
 from actors.gateway import sse
+from actors.gateway.auth import request_tenant
 from actors.gateway.errors import MESSAGES, ApiError, HttpCode, job_error_response, json_response
-from actors.gateway.keys import ACCEPTED, BUS, OPTIONS, PUBLIC_STORAGE, SETTINGS, STORAGE, STREAMS, TRACKER
+from actors.gateway.keys import (
+    ACCEPTED,
+    BUS,
+    HUB,
+    MONITOR,
+    OPTIONS,
+    PUBLIC_STORAGE,
+    SETTINGS,
+    STORAGE,
+    TRACKER,
+)
 from actors.gateway.openapi import openapi_document
 from actors.gateway.views import (
     Accepted,
@@ -30,22 +42,23 @@ from actors.gateway.views import (
     StatsView,
     StorageView,
 )
-from actors.jobs import JobRecord, decode_record, job_id_for
+from actors.jobs import JobRecord, decode_record, job_id_for, store_owner
 from actors.planning import allowed_qualities, default_quality
 from bus.base import BusError
 from messages.codec import DecodeError, decode, new_id
 from messages.errors import Error, ErrorCode
-from messages.types import ConvertRequested, Format, Stage
+from messages.types import JOB_ID_SHAPE, ConvertRequested, Format, Stage
 from storage import JobStore, StorageUnavailable
+from storage.keys import download_filename
 
 #: the demo page and its assets
 STATIC_DIR = Path(__file__).parent / "static"
 #: seconds a redirect's presigned download URL stays valid (it is used at once)
 DOWNLOAD_REDIRECT_TTL_S = 3600
-#: seconds each readiness check may take
-READY_TIMEOUT_S = 3.0
-#: a job id as the wire contract allows it (messages.types.JobId)
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
+#: a job id as the wire contract allows it (messages.types.JobId), matched whole (no trailing newline)
+JOB_ID_RE = re.compile(JOB_ID_SHAPE)
+
+log = logging.getLogger("getgoodtape.gateway")
 
 
 def links(job_id: str) -> Links:
@@ -56,18 +69,28 @@ def links(job_id: str) -> Links:
 
 def _job_id(request: web.Request) -> str:
     job_id = request.match_info["job_id"]
-    if not JOB_ID_RE.match(job_id):
+    if not JOB_ID_RE.fullmatch(job_id):
         raise ApiError(404, HttpCode.JOB_NOT_FOUND, detail="not a valid job id")
     return job_id
 
 
-async def load_record(app: web.Application, job_id: str) -> JobRecord | None:
-    """The coordinator's record of the job, or None; 503 when storage does not answer."""
+def storage_unavailable(exc: Exception) -> ApiError:
+    """The 503 for a storage failure: the detail (endpoint, addresses) goes to the log, not the caller."""
+    log.warning("storage unavailable", extra={"reason": str(exc)})
+    return ApiError(503, HttpCode.STORAGE_UNAVAILABLE)
+
+
+async def load_record(app: web.Application, owner: str, job_id: str) -> JobRecord | None:
+    """The owner's record of the job, or None (also for another tenant's job); 503 when storage does
+    not answer."""
     try:
-        found = await JobStore(app[STORAGE]).load(job_id)
+        found = await JobStore(app[STORAGE]).load(job_id, owner=store_owner(owner))
     except StorageUnavailable as exc:
-        raise ApiError(503, HttpCode.STORAGE_UNAVAILABLE, detail=str(exc)) from exc
-    return decode_record(found[0]) if found else None
+        raise storage_unavailable(exc) from exc
+    if found is None:
+        return None
+    record = decode_record(found[0])
+    return record if record.owner == owner else None
 
 
 # ----------------------------------------------------------------------------------------- jobs
@@ -79,18 +102,26 @@ async def convert(request: web.Request) -> web.Response:
         message = decode(await request.read(), type_name_hint="convert_requested")
     except DecodeError as exc:
         raise ApiError(400, HttpCode.INVALID_REQUEST, field=exc.field, detail=exc.reason) from None
+    except RecursionError:  # JSON nested thousands deep: msgspec's decoder gives up on the stack
+        raise ApiError(400, HttpCode.INVALID_REQUEST, detail="JSON nested too deeply") from None
     assert isinstance(message, ConvertRequested)
+    if message.job_id is not None and not JOB_ID_RE.fullmatch(message.job_id):
+        # the schema's pattern lets a trailing newline through; a job id is matched whole
+        raise ApiError(400, HttpCode.INVALID_REQUEST, field="$.job_id", detail="not a valid job id")
     if message.reply_to is not None:
         # a queue on the broker is not an HTTP caller's to name: results come over /events
         raise ApiError(400, HttpCode.INVALID_REQUEST, field="$.reply_to",
                        detail="reply_to is for AMQP publishers; over HTTP follow /api/jobs/{id}/events")
-    # the same id the coordinator would derive, so an idempotency key keeps naming one job
-    job_id = message.job_id or (job_id_for(message, message_id="") if message.idempotency_key else new_id())
+    tenant = request_tenant(request)
+    # the same id the coordinator would derive, so an idempotency key keeps naming one job of this tenant
+    job_id = message.job_id or (job_id_for(message, message_id="", owner=tenant) if message.idempotency_key
+                                else new_id())
     try:
-        await request.app[BUS].publish(msgspec.structs.replace(message, job_id=job_id))
+        await request.app[BUS].publish(msgspec.structs.replace(message, job_id=job_id), owner=tenant)
     except BusError as exc:
-        raise ApiError(503, HttpCode.BUS_UNAVAILABLE, detail=str(exc)) from exc
-    request.app[ACCEPTED].remember(job_id)
+        log.warning("bus unavailable", extra={"reason": str(exc)})
+        raise ApiError(503, HttpCode.BUS_UNAVAILABLE) from exc
+    request.app[ACCEPTED].remember(tenant, job_id)
     return json_response(Accepted(job_id=job_id, links=links(job_id)), status=202,
                          headers={"Location": links(job_id).self})
 
@@ -106,10 +137,11 @@ def job_view(record: JobRecord) -> JobView:
 async def job(request: web.Request) -> web.Response:
     """GET /api/jobs/{id}: the job record (or ``queued`` for a job accepted here and not yet recorded)."""
     job_id = _job_id(request)
-    record = await load_record(request.app, job_id)
+    tenant = request_tenant(request)
+    record = await load_record(request.app, tenant, job_id)
     if record is not None:
         return json_response(job_view(record))
-    if job_id in request.app[ACCEPTED]:
+    if request.app[ACCEPTED].knows(tenant, job_id):
         return json_response(JobView(job_id=job_id, stage=Stage.QUEUED, percent=0.0, format="", url="",
                                      links=links(job_id)))
     raise ApiError(404, HttpCode.JOB_NOT_FOUND)
@@ -118,28 +150,25 @@ async def job(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.StreamResponse:
     """GET /api/jobs/{id}/events: the job's state, then its live events until the final one (SSE)."""
     job_id = _job_id(request)
+    tenant = request_tenant(request)
     app = request.app
     last_seen = sse.parse_last_event_id(request.headers.get("Last-Event-ID") or request.query.get("last_event_id"))
-    live: asyncio.Queue = asyncio.Queue()
-    # subscribe BEFORE reading the record: nothing published in between is missed
-    async with app[BUS].subscribe(f"job.{job_id}.#") as subscription:
-        # owned by this block (not a TaskGroup: that would wrap a 404 raised here in an ExceptionGroup)
-        pump = asyncio.create_task(sse.pump(subscription, live))
-        try:
-            return await _stream(request, job_id, live, last_seen)
-        finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+    # listen on the shared subscription BEFORE reading the record: nothing published in between is missed
+    try:
+        with app[HUB].listen(tenant, job_id, limit=app[SETTINGS].sse_streams_per_key) as live:
+            return await _stream(request, tenant, job_id, live, last_seen)
+    except sse.TooManyStreams:
+        raise ApiError(429, HttpCode.TOO_MANY_STREAMS, headers={"Retry-After": "5"}) from None
 
 
-async def _stream(request: web.Request, job_id: str, live: asyncio.Queue, last_seen: int) -> web.StreamResponse:
+async def _stream(request: web.Request, tenant: str, job_id: str, live: asyncio.Queue,
+                  last_seen: int) -> web.StreamResponse:
     app = request.app
     options = app[OPTIONS]
-    record = await load_record(app, job_id)
+    record = await load_record(app, tenant, job_id)
     if record is not None:
         first = sse.state_event(record)
-    elif job_id in app[ACCEPTED]:
+    elif app[ACCEPTED].knows(tenant, job_id):
         first = sse.queued_event(job_id)
     else:  # a job another gateway accepted may be a moment from its first record or event
         first = await sse.first_event(live, timeout=options.unknown_job_wait)
@@ -148,23 +177,18 @@ async def _stream(request: web.Request, job_id: str, live: asyncio.Queue, last_s
     if sse.is_final(first) and sse.event_id(first) <= last_seen:
         return web.Response(status=204)  # EventSource stops reconnecting on 204
     response = await sse.open_stream(request)
-    app[STREAMS].add(live)
     try:
         await sse.run_stream(response, first=first, live=live, last_seen=last_seen, keepalive=options.keepalive)
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
         pass  # the client left
-    finally:
-        app[STREAMS].discard(live)
     return response
 
 
 async def download(request: web.Request) -> web.Response:
     """GET /api/jobs/{id}/download: 302 to a fresh presigned URL on the public endpoint."""
-    from actors.coordinator import download_filename
-
     job_id = _job_id(request)
-    record = await load_record(request.app, job_id)
+    record = await load_record(request.app, request_tenant(request), job_id)
     if record is None:
         raise ApiError(404, HttpCode.JOB_NOT_FOUND)
     if record.stage == Stage.FAILED:
@@ -181,16 +205,16 @@ async def download(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """GET /api/storage/stats: the bucket's files and uploads, the outcome rates, the data path."""
+    """GET /api/storage/stats: the bucket's files and uploads (a listing reused for seconds), the
+    outcome rates, the data path."""
     app = request.app
     try:
-        stored = await app[STORAGE].stats()
+        stored = await app[MONITOR].storage_stats()
     except StorageUnavailable as exc:
-        raise ApiError(503, HttpCode.STORAGE_UNAVAILABLE, detail=str(exc)) from exc
+        raise storage_unavailable(exc) from exc
     queues: dict[str, int] = {}
     with contextlib.suppress(Exception):  # figures without queue depths beat no figures
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            queues = await app[BUS].queue_depths()
+        queues = await app[MONITOR].queue_depths()
     tracker = app[TRACKER]
     here = metrics.actors_here()
     view = StatsView(
@@ -216,21 +240,11 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response(Health(status="ok"))
 
 
-async def _check(call) -> str:
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            await call
-    except Exception as exc:
-        return f"failed: {type(exc).__name__}: {exc}"[:300]
-    return "ok"
-
-
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: the broker and the storage answer a cheap call each; 503 names the one that failed."""
-    storage = request.app[STORAGE]
-    broker, bucket = await asyncio.gather(_check(request.app[BUS].queue_depths()),
-                                          _check(storage.client.head_bucket(Bucket=storage.bucket)))
-    checks = {"broker": broker, "storage": bucket}
+    """GET /readyz: the broker and the storage answer a cheap call each (the verdict is reused for a
+    few seconds); 503 names the one that failed."""
+    checks = await request.app[MONITOR].readiness.get()
+    broker, bucket = checks["broker"], checks["storage"]
     if broker == "ok" and bucket == "ok":
         return json_response(Health(status="ready", checks=checks))
     code = HttpCode.BUS_UNAVAILABLE if broker != "ok" else HttpCode.STORAGE_UNAVAILABLE
@@ -241,8 +255,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text, queue depths read from the bus now."""
-    return await metrics.metrics_response(request.app[BUS])
+    """GET /metrics: Prometheus text; queue depths read from the bus at most every few seconds."""
+    return await metrics.metrics_response(request.app[MONITOR])
 
 
 # -------------------------------------------------------------------------------- description

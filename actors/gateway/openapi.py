@@ -28,9 +28,11 @@ def _json(cls: type, description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {400: "invalid request (code invalid_request, field names the JSON path)",
-               401: "missing or wrong API key (code unauthorized)", 404: "unknown job (code job_not_found)",
+               401: "missing or wrong API key (code unauthorized)",
+               404: "unknown job, or another tenant's (code job_not_found)",
                409: "the job has not completed (job_not_finished) or failed (its own error code)",
-               429: "rate limit reached (code rate_limited; Retry-After header)",
+               429: "rate limit or failed-authentication limit reached (code rate_limited; Retry-After), or "
+                    "too many open event streams for the key (code too_many_streams)",
                503: "broker or storage unavailable"}
     return {str(s): _json(views.ErrorBody, meaning[s]) for s in statuses}
 
@@ -88,11 +90,14 @@ def openapi_document(*, auth: bool) -> dict[str, Any]:
         }},
         "/healthz": {"get": {"summary": "The process is alive", "security": [],
                              "responses": {"200": _json(views.Health, "alive")}}},
-        "/readyz": {"get": {"summary": "Broker and storage reachable", "security": [],
+        "/readyz": {"get": {"summary": "Broker and storage reachable (the verdict is reused for seconds)",
+                            "security": [],
                             "responses": {"200": _json(views.Health, "ready"),
-                                          "503": _json(views.Health, "not ready: checks say which failed")}}},
+                                          "503": _json(views.Health, "not ready: checks say which failed"),
+                                          **_errors(429)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
-                             "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
+                             "responses": {"200": {"description": "text/plain; version=0.0.4"},
+                                           **_errors(429)}}},
         "/api/openapi.json": {"get": {"summary": "This document", "security": [],
                                       "responses": {"200": {"description": "OpenAPI 3.1"}}}},
     }

@@ -6,13 +6,17 @@ on, are the same on every gateway replica, and make resumption a comparison: a c
 reconnects with ``Last-Event-ID: N`` gets only events whose id is greater than N. An event whose
 id is not greater than the last one sent (late or duplicate progress) is dropped, so ids a client
 sees always increase.
+
+Every stream of a gateway reads one shared subscription to ``job.#`` (EventHub): events are fanned
+out in process to the streams of their owner's job, so a stream costs a queue, not a broker channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import Iterator
 
 import msgspec
 from aiohttp import web
@@ -20,17 +24,14 @@ from aiohttp import web
 from actors.jobs import JobRecord, final_event
 from messages.codec import DecodeError, Envelope, decode
 from messages.routing import EVENT_NAMES
-from messages.types import Base, JobCompleted, JobFailed, JobProgress, Stage
+from messages.types import STAGE_ORDER, Base, JobCompleted, JobFailed, JobProgress, Stage
 
 #: seconds between keepalive comments on a quiet stream (proxies close idle connections at ~60 s)
 KEEPALIVE_S = 15.0
 #: milliseconds a browser waits before reconnecting a dropped stream (the ``retry:`` field)
 RECONNECT_MS = 2000
 #: ordering of stages inside event ids; terminal stages outrank every progress event
-STAGE_RANK: dict[Stage, int] = {
-    Stage.QUEUED: 0, Stage.PREPARING: 1, Stage.CONVERTING: 2, Stage.VERIFYING: 3, Stage.FINISHING: 4,
-    Stage.COMPLETED: 5, Stage.FAILED: 6,
-}
+STAGE_RANK: dict[Stage, int] = {stage: rank for rank, stage in enumerate((*STAGE_ORDER, Stage.FAILED))}
 #: room for percent × 100 (0..10000) inside one stage rank
 RANK_SPAN = 100_000
 #: no Last-Event-ID: every event is new
@@ -86,12 +87,49 @@ def decode_event(envelope: Envelope, body: bytes) -> Base | None:
     return message if isinstance(message, JobProgress | JobCompleted | JobFailed) else None
 
 
-async def pump(events: AsyncIterator[tuple[Envelope, bytes]], into: asyncio.Queue[Base | None]) -> None:
-    """Move decoded events from a subscription into a queue (read with timeouts without cancelling
-    the subscription's iterator, which would end it)."""
-    async for envelope, body in events:
-        if (message := decode_event(envelope, body)) is not None:
-            into.put_nowait(message)
+class TooManyStreams(Exception):
+    """The tenant already has its maximum of open event streams."""
+
+
+class EventHub:
+    """Fans the events of the gateway's one subscription out to the open streams of each job,
+    keyed by (owner, job id): a stream only ever sees its own tenant's job."""
+
+    def __init__(self) -> None:
+        self._streams: dict[tuple[str, str], set[asyncio.Queue[Base | None]]] = {}
+        self._per_owner: Counter[str] = Counter()
+
+    def open_streams(self, owner: str) -> int:
+        """Streams the tenant has open now."""
+        return self._per_owner[owner]
+
+    @contextlib.contextmanager
+    def listen(self, owner: str, job_id: str, *, limit: int) -> Iterator[asyncio.Queue[Base | None]]:
+        """A queue receiving the job's events while the block runs; TooManyStreams past ``limit``."""
+        if self._per_owner[owner] >= limit:
+            raise TooManyStreams(owner)
+        live: asyncio.Queue[Base | None] = asyncio.Queue()
+        self._streams.setdefault((owner, job_id), set()).add(live)
+        self._per_owner[owner] += 1
+        try:
+            yield live
+        finally:
+            self._per_owner[owner] -= 1
+            streams = self._streams.get((owner, job_id), set())
+            streams.discard(live)
+            if not streams:
+                self._streams.pop((owner, job_id), None)
+
+    def dispatch(self, owner: str, message: Base) -> None:
+        """Hand one event to every stream of its job."""
+        for live in self._streams.get((owner, getattr(message, "job_id", "")), ()):
+            live.put_nowait(message)
+
+    def end_all(self) -> None:
+        """Wake every stream with None (shutdown): each ends, its client reconnects elsewhere."""
+        for streams in self._streams.values():
+            for live in streams:
+                live.put_nowait(None)
 
 
 async def first_event(live: asyncio.Queue[Base | None], *, timeout: float) -> Base | None:

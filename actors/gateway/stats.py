@@ -11,7 +11,7 @@ from collections import Counter, OrderedDict
 from datetime import datetime
 
 from messages.errors import ErrorCode
-from messages.types import Base, JobCompleted, JobFailed, JobProgress, Stage
+from messages.types import STAGE_ORDER, Base, JobCompleted, JobFailed, JobProgress, Stage
 
 #: jobs whose furthest stage is remembered (older ones are forgotten first); bounds the memory
 MAX_TRACKED_JOBS = 20_000
@@ -21,6 +21,9 @@ PRESIGN_FAILURE_CODES = frozenset({ErrorCode.STORAGE_UNAVAILABLE})
 UPLOAD_FAILURE_CODES = frozenset({ErrorCode.UPLOAD_FAILED, ErrorCode.STORAGE_UNAVAILABLE})
 
 _CONVERTING, _VERIFYING, _FINAL = 1, 2, 4
+#: progress stages at or past converting / verifying (completed is counted by its final event)
+_CONVERTING_OR_LATER = STAGE_ORDER[STAGE_ORDER.index(Stage.CONVERTING):-1]
+_VERIFYING_OR_LATER = STAGE_ORDER[STAGE_ORDER.index(Stage.VERIFYING):-1]
 
 
 class OutcomeTracker:
@@ -47,9 +50,9 @@ class OutcomeTracker:
     def observe(self, message: Base) -> None:
         """Account one event; duplicates (a final event announced twice) change nothing."""
         if isinstance(message, JobProgress):
-            if message.stage in (Stage.CONVERTING, Stage.VERIFYING, Stage.FINISHING):
+            if message.stage in _CONVERTING_OR_LATER:
                 self._reach(message.job_id, _CONVERTING)
-            if message.stage in (Stage.VERIFYING, Stage.FINISHING):
+            if message.stage in _VERIFYING_OR_LATER:
                 self._reach(message.job_id, _VERIFYING)
         elif isinstance(message, JobCompleted):
             self._reach(message.job_id, _CONVERTING | _VERIFYING)
@@ -114,7 +117,7 @@ class OutcomeTracker:
 
 def _reached_before(stage: Stage) -> int:
     """What a job that failed in ``stage`` must have got past."""
-    if stage in (Stage.VERIFYING, Stage.FINISHING):
+    if stage in _VERIFYING_OR_LATER:
         return _CONVERTING | _VERIFYING
     return _CONVERTING if stage == Stage.CONVERTING else 0
 

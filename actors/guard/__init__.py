@@ -1,26 +1,52 @@
 """The SSRF guard: a user's URL, and every hop it leads to, may reach only public addresses.
 
-Operators widen this with ``GGT_ALLOW_NETWORKS`` (CIDRs). Three layers:
+Operators widen this with ``GGT_ALLOW_NETWORKS`` and narrow it with ``GGT_DENY_NETWORKS`` (CIDRs);
+cloud metadata addresses are refused whatever either says. The layers:
 
 - ``addresses``: pure classification of IP addresses (and of odd host spellings such as ``127.1``);
-- ``urls.check_url``: a pre-flight check (http/https only, no credentials, no forbidden literal host);
-- ``proxy.FetchGuard``: the enforcement. yt-dlp (``proxy`` option) and ffmpeg (``-http_proxy``)
-  send every request through a loopback proxy that resolves the host itself, checks every address
-  after resolution, and connects to the vetted address. Redirects and HLS/DASH segment fetches are
-  new requests, so each is checked; DNS rebinding has no window between check and connect.
+- ``urls``: the pre-flight check of a URL, and of every URL in yt-dlp's formats (http(s) only);
+- ``proxy.FetchGuard``: the enforcement, on loopback. yt-dlp uses it as its proxy; ffmpeg and
+  ffprobe read only its gateway URLs, which it fetches itself — resolving the host, checking every
+  address, connecting to the vetted one, following redirects hop by hop — so it sees every byte;
+- ``manifests``: the HLS playlist rewriting that keeps ffmpeg on the gateway (DASH is refused);
+- ``ranges``: ranged fetching for throttled origins (successive Range requests, one body for ffmpeg);
+- ``feeder``: yt-dlp for piped inputs, its formats pointed at the gateway before the download;
+- ``extract``: yt-dlp extraction in warm worker processes that a deadline can kill;
+- ``children``: the allow-listed environment of every child process;
+- ``egress``: how the guard opens an upstream connection — to the vetted address, directly or
+  tunnelled through the operator's egress proxy (``GGT_EGRESS_PROXY``);
+- ``cookies``, ``ytdlp_levers``: the operator's cookies file (read-only, never in a message),
+  yt-dlp extractor arguments and the allow-list of plugin packages (``actors.levers`` builds them).
 
-Checked with ffmpeg 5.1 (tests/test_guard_proxy.py): ``-http_proxy`` covers http (absolute-URI
-requests), https (the tls protocol opens a CONNECT tunnel through ``httpproxy``), redirects, and
-HLS playlists and segments (the HLS demuxer hands ``http_proxy`` on to its nested requests).
+Why the gateway: ffmpeg's HLS and DASH demuxers open nested URLs with any protocol whose name
+begins with ``http`` (``httpproxy://`` is raw TCP to any host), and ``tcp`` must stay whitelisted
+for http itself, so a proxy that only sees requests cannot stop a playlist naming ``tcp://`` or
+``httpproxy://``. Through the gateway, ffmpeg is never handed a URL the guard did not write: its
+whitelist is ``http,tcp,crypto`` (no https, tls or httpproxy: the guard does TLS upstream), and
+whatever it resolves relative to a gateway URL lands on the gateway. Tested end to end in
+tests/test_guard_sources.py with a recording listener on the "internal" host.
+
+The gateway judges what ffmpeg will probe, not each response alone: a body that ends inside the
+sniff window (a 3-byte ``#EX``) and is continued by ffmpeg's reconnect (``Range: bytes=3-``) is
+sniffed joined with what came before, and a join that makes a playlist or manifest is refused
+(``FetchGuard._judged_with_head``; tests/test_attack_review.py).
 
 Residual risks, known and accepted:
 
-- ffmpeg skips any proxy for hosts named in a ``no_proxy`` environment variable: start it with
-  ``FetchGuard.subprocess_env`` (which drops the variable).
-- ``tcp`` must stay on ffmpeg's protocol whitelist (http runs on it, also to reach the proxy), so
-  a demuxer that built a ``tcp://`` URL from file content would bypass the proxy. The demuxers that
-  follow URLs from content (hls, dash) accept only http(s)/file/crypto/data, and the whitelist
-  refuses file/data/udp/rtp/rtmp; a network namespace with only the proxy reachable would close it.
+- The gateway recognises playlists as ffmpeg's probe does (``#EXTM3U`` after any ID3v2 tags;
+  ``<mpd`` before the first NUL within 8 MiB, above ffmpeg's 5 MB default probe size). A demuxer
+  that followed URLs from some other content would need ``tcp://`` in it; no demuxer of ffmpeg
+  5.1 that we know of does so for a non-http protocol (concat refuses protocols in its default safe
+  mode, mov does not follow references unless asked). A network namespace per child would close
+  this by construction, and is not used, for three measured reasons (docs/SECURITY.md, "Why no
+  network namespace"): the compose deployment cannot create one (moby's default seccomp profile
+  refuses ``unshare``/``clone`` with CLONE_NEWUSER or CLONE_NEWNET to a process without
+  CAP_SYS_ADMIN, and the actors drop every capability); a new namespace has its own loopback, so
+  ffmpeg there cannot reach the guard's gateway either, and bridging it would need a forwarder in
+  the namespace to a Unix socket of the guard — a second relay on the media path; and the one child
+  that needs no network at all (ffmpeg reading the feeder's pipe) already has ``pipe`` as its only
+  protocol. Where unprivileged user namespaces work (``unshare -rn true`` succeeds on the
+  development machine, 9 ms), that forwarder is the way to do it.
 - The guard judges addresses, not ports or content: a public host is reachable on any port.
 """
 

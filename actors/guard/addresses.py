@@ -16,6 +16,19 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _v4 = ipaddress.IPv4Network
 _v6 = ipaddress.IPv6Network
 
+#: cloud instance services (metadata, WireServer, task credentials): never reachable, whatever
+#: an operator allow-lists, because they hand out the host's credentials. Some are public addresses.
+CLOUD_METADATA: tuple[tuple[IPNetwork, str], ...] = (
+    (_v4("169.254.169.254/32"), "cloud metadata"),
+    (_v4("169.254.170.2/32"), "cloud metadata (ECS task credentials)"),
+    (_v4("169.254.169.253/32"), "cloud DNS (AWS)"),
+    (_v4("168.63.129.16/32"), "cloud metadata (Azure WireServer)"),
+    (_v4("100.100.100.200/32"), "cloud metadata (Alibaba)"),
+    (_v4("192.0.0.192/32"), "cloud metadata (Oracle)"),
+    (_v6("fd00:ec2::254/128"), "cloud metadata (AWS IPv6)"),
+    (_v6("fd00:ec2::23/128"), "cloud DNS (AWS IPv6)"),
+)
+
 #: IPv4 ranges no user URL may reach, first match names the reason (most specific first)
 BLOCKED_IPV4: tuple[tuple[IPNetwork, str], ...] = (
     (_v4("0.0.0.0/8"), "this-network"),
@@ -85,6 +98,9 @@ def block_reason(ip: IPAddress | str) -> str | None:
         inner, form = embedded
         reason = block_reason(inner)
         return None if reason is None else f"{form} {reason}"
+    metadata = _metadata_reason(ip)
+    if metadata is not None:
+        return metadata
     table = BLOCKED_IPV4 if ip.version == 4 else BLOCKED_IPV6
     for network, reason in table:
         if ip in network:
@@ -102,17 +118,43 @@ def is_public_address(ip: IPAddress | str) -> bool:
     return block_reason(ip) is None
 
 
-def address_allowed(ip: IPAddress | str, *, allow: Sequence[IPNetwork]) -> bool:
-    """True when a user's fetch may connect to ``ip``: public, or inside an allow-listed network."""
+def denial_reason(ip: IPAddress | str, *, allow: Sequence[IPNetwork] = (),
+                  deny: Sequence[IPNetwork] = ()) -> str | None:
+    """Why a user's fetch may not connect to ``ip`` (None when it may).
+
+    Order: cloud metadata and the operator's ``deny`` networks refuse first, even inside ``allow``;
+    then ``allow`` admits; then only public addresses pass.
+    """
     ip = _as_address(ip)
     candidates: list[IPAddress] = [ip]
     embedded = embedded_ipv4(ip)
     if embedded is not None:
         candidates.append(embedded[0])
+    for candidate in candidates:
+        metadata = _metadata_reason(candidate)
+        if metadata is not None:
+            return metadata
+    if _within(candidates, deny):
+        return "denied by the operator (GGT_DENY_NETWORKS)"
+    if _within(candidates, allow):
+        return None
+    return block_reason(ip)
+
+
+def address_allowed(ip: IPAddress | str, *, allow: Sequence[IPNetwork],
+                    deny: Sequence[IPNetwork] = ()) -> bool:
+    """True when a user's fetch may connect to ``ip``: not metadata or denied, and public or allow-listed."""
+    return denial_reason(ip, allow=allow, deny=deny) is None
+
+
+def _within(candidates: Sequence[IPAddress], networks: Sequence[IPNetwork]) -> bool:
     # containment across versions is always False, but say so rather than rely on it
-    if any(c.version == net.version and c in net for c in candidates for net in allow):
-        return True
-    return is_public_address(ip)
+    return any(c.version == net.version and c in net for c in candidates for net in networks)
+
+
+def _metadata_reason(ip: IPAddress) -> str | None:
+    return next((reason for network, reason in CLOUD_METADATA
+                 if ip.version == network.version and ip in network), None)
 
 
 def parse_networks(cidrs: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:

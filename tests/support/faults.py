@@ -161,17 +161,20 @@ async def restart_broker_app(amqp_url: str) -> float:
 
 
 async def publish_plain(amqp_url: str, messages: list[tuple[str, bytes, dict[str, object]]]) -> None:
-    """Publish (routing key, body, properties) triples to ggt.commands with plain aio-pika, confirmed.
+    """Publish (routing key, body, properties) triples with plain aio-pika, confirmed: ``convert.<tenant>``
+    to ggt.requests, any other key to ggt.commands (unsigned: what a forger with broad rights sends).
 
     This is how another system would publish: no project bus code, JSON written by hand.
     """
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange("ggt.commands")
+        requests = await channel.get_exchange("ggt.requests")
+        commands = await channel.get_exchange("ggt.commands")
         for routing_key, body, properties in messages:
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                        **properties)  # type: ignore[arg-type]
+            exchange = requests if routing_key.startswith("convert.") else commands
             await exchange.publish(message, routing_key=routing_key, timeout=30)
 
 
@@ -253,8 +256,9 @@ COPY_HEADER = "test-copy"
 
 
 class CommandTap:
-    """A private queue bound to ggt.commands with the given routing keys: sees every command published
-    with them; with ``double=True`` it publishes each one again (same id, body and properties)."""
+    """A private queue bound to ggt.commands with the given routing keys (and to ggt.requests with
+    ``convert.*``): sees every command and request published with them; with ``double=True`` it
+    publishes each one again to the same exchange (same id, body and properties)."""
 
     def __init__(self, amqp_url: str, routing_keys: Iterable[str], *, double: bool = False) -> None:
         self.amqp_url, self.routing_keys, self.double = amqp_url, list(routing_keys), double
@@ -267,10 +271,11 @@ class CommandTap:
         self._stack = contextlib.AsyncExitStack()
         connection = await self._stack.enter_async_context(await aio_pika.connect(self.amqp_url))
         channel = await connection.channel(publisher_confirms=True)
-        self._exchange = await channel.get_exchange("ggt.commands")
+        self._exchanges = {name: await channel.get_exchange(name) for name in ("ggt.commands", "ggt.requests")}
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         for key in self.routing_keys:
-            await queue.bind(self._exchange, key)
+            await queue.bind(self._exchanges["ggt.commands"], key)
+        await queue.bind(self._exchanges["ggt.requests"], "convert.*")
         await queue.consume(self._on_message)
         return self
 
@@ -290,5 +295,6 @@ class CommandTap:
                     content_type=message.content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=message.message_id, correlation_id=message.correlation_id, type=message.type,
                     timestamp=message.timestamp, reply_to=message.reply_to, app_id=message.app_id)
-                await self._exchange.publish(copy, routing_key=message.routing_key or "", timeout=30)
+                await self._exchanges[message.exchange or "ggt.commands"].publish(
+                    copy, routing_key=message.routing_key or "", timeout=30)
                 self.copies[message.type or message.routing_key or ""] += 1

@@ -64,6 +64,16 @@ function finish() {
   refreshStats();
 }
 
+// An event's link is followed only when it is http(s): never javascript:, data: or anything else.
+function httpLink(value) {
+  try {
+    const url = new URL(value, window.location.href);
+    return url.protocol === "https:" || url.protocol === "http:" ? url.href : null;
+  } catch (_) {
+    return null;
+  }
+}
+
 function follow(jobId) {
   source = new EventSource(withToken(`/api/jobs/${jobId}/events`));
   source.addEventListener("progress", (e) => {
@@ -73,7 +83,9 @@ function follow(jobId) {
   source.addEventListener("completed", (e) => {
     const done = JSON.parse(e.data);
     showProgress("completed", 100, "");
-    $("download-link").href = done.download_url;
+    const link = httpLink(done.download_url);
+    $("download-link").href = link || "#";
+    $("download-link").hidden = !link;
     $("download-link").textContent = `Download ${done.title || done.key.split("/").pop()}`;
     $("result-facts").textContent = ` ${bytes(done.size)}, ${done.duration.toFixed(1)} s, ` +
       `processed in ${(done.timings.total || 0).toFixed(2)} s`;

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -39,7 +40,6 @@ from bus.replay import (
     replay,
     summary,
 )
-from messages.codec import H_ATTEMPT
 
 #: characters of an error message shown in the ``list`` table (``show`` prints it whole)
 ERROR_MESSAGE_WIDTH = 60
@@ -98,12 +98,31 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: categories a terminal may act on instead of showing: controls (ESC sequences), format characters
+#: (bidi overrides that reorder a line), surrogates, line and paragraph separators
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(text: str) -> str:
+    """``text`` with every control, format and separator character shown as an escape (``\\x1b``,
+    ``\\u202e``): a letter's bytes are anyone's, and they must not drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(ch if unicodedata.category(ch) not in _UNPRINTABLE
+                   else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}") for ch in text)
+
+
+def _plain(lines: Sequence[str]) -> str:
+    """Lines made printable and joined: what the operator's terminal is given."""
+    return "\n".join(printable(line) for line in lines)
+
+
 def _when(at: datetime | None) -> str:
     return as_utc(at).strftime("%Y-%m-%d %H:%M:%S") if at else "-"
 
 
 def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())  # one line per letter, whatever the message holds
+    text = printable(" ".join(text.split()))  # one line per letter, whatever the message holds
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -121,7 +140,7 @@ def letter_json(letter: DeadLetter) -> dict[str, Any]:
         "type": env.type,
         "error_code": letter.error_code,
         "error_message": letter.error_message,
-        "attempts": int(env.headers.get(H_ATTEMPT, 1)),
+        "attempts": env.attempt,
         "replays": env.replays,
         "dead_lettered_at": as_utc(letter.dead_lettered_at).isoformat() if letter.dead_lettered_at else None,
         "created_at": env.created_at.isoformat(),
@@ -150,7 +169,7 @@ def letters_table(letters: Sequence[DeadLetter]) -> list[str]:
     for letter in letters:
         env = letter.envelope
         rows.append((env.message_id, env.job_id or "-", env.type or "-", letter.actor, letter.error_code or "-",
-                     str(env.headers.get(H_ATTEMPT, 1)), str(env.replays), _when(letter.dead_lettered_at),
+                     str(env.attempt), str(env.replays), _when(letter.dead_lettered_at),
                      _short(letter.error_message, ERROR_MESSAGE_WIDTH) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
     return ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]).rstrip()
@@ -210,7 +229,7 @@ async def _cmd_list(bus: Bus, args: argparse.Namespace, out: TextIO) -> int:
         json.dump([letter_json(letter) for letter in letters], out, indent=2)
         print(file=out)
     elif letters:
-        print("\n".join(letters_table(letters)), file=out)
+        print(_plain(letters_table(letters)), file=out)
     else:
         print("no dead letters match", file=out)
     return EXIT_OK
@@ -229,7 +248,7 @@ async def _cmd_show(bus: Bus, args: argparse.Namespace, out: TextIO) -> int:
     for n, letter in enumerate(letters):
         if n:
             print("-" * 40, file=out)  # the same id twice: a duplicate, shown whole
-        print("\n".join(show_lines(letter)), file=out)
+        print(_plain(show_lines(letter)), file=out)
     return EXIT_OK
 
 
@@ -251,7 +270,7 @@ def _line_printer(args: argparse.Namespace, out: TextIO) -> Callable[[Outcome], 
     """Print each outcome as it happens (so a broker failure midway still shows what was done)."""
     if args.json:
         return None
-    return lambda outcome: print(outcome_line(outcome), file=out, flush=True)
+    return lambda outcome: print(printable(outcome_line(outcome)), file=out, flush=True)
 
 
 def _finish_report(outcomes: Sequence[Outcome], args: argparse.Namespace, out: TextIO) -> None:
@@ -335,8 +354,8 @@ def _not_negative(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dlq`` and its subcommands to the ``getgoodtape`` parser."""
+def dlq_arguments(dlq: argparse.ArgumentParser) -> None:
+    """The subcommands of ``dlq`` and their arguments."""
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--actor", "--queue", dest="actor", default=ALL_ACTORS, metavar="ACTOR|QUEUE",
                        help="an actor, its queue (ggt.<actor>) or dead-letter queue (ggt.<actor>.dlq), "
@@ -352,8 +371,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     select.add_argument("--until", help="dead-lettered before this time (ISO 8601, or 15m/2h/3d ago)")
     select.add_argument("--limit", type=_positive, help="act on at most this many matching letters")
 
-    dlq = subparsers.add_parser("dlq", help="list, show, replay or purge dead letters (needs GGT_AMQP_URL)",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dlq.description, dlq.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
 
     cmd = commands.add_parser("list", parents=[where, select], help="a table of the matching dead letters")

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import importlib
 import sys
-from pathlib import Path
 
-from actors.settings import load_settings
+from actors import __version__
+
+# nothing heavier at the top: `getgoodtape --help` and `--version` must start like a CLI; each
+# command imports what it uses when it runs
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from actors.logs import setup_logging
     from actors.registry import ACTOR_CLASSES
     from actors.serve import serve
+    from actors.settings import load_settings
 
     settings = load_settings()
     setup_logging(settings.log_level)
@@ -22,6 +26,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if "gateway" in names:
         from actors.gateway.app import run_gateway
 
+        _preflight(settings, names)
         asyncio.run(run_gateway(settings, with_actors=[n for n in names if n != "gateway"]))
         return 0
     for name in names:
@@ -39,11 +44,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
               "shared S3 (MinIO, R2, S3, or `getgoodtape s3` for local runs); the embedded S3 only serves "
               "`getgoodtape run all` and `getgoodtape convert`", file=sys.stderr)
         return 2
+    _preflight(settings, names)
     asyncio.run(serve(names, settings))
     return 0
 
 
+def _preflight(settings, names: list[str]) -> None:
+    """The start-up checks of these roles (`getgoodtape check`): exit non-zero, saying why, on a failure."""
+    import asyncio
+
+    from actors.cli.check import ROLES, preflight
+
+    asyncio.run(preflight(settings, [name for name in names if name in ROLES]))
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from messages.schema import public_schemas
 
     schemas = public_schemas()
@@ -63,10 +81,11 @@ def _cmd_s3(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from storage.embedded import EmbeddedS3
+    from actors.settings import load_settings
+    from actors.wiring import new_embedded_s3
 
     settings = load_settings()
-    s3 = EmbeddedS3(bucket=settings.s3_bucket, port=args.port)
+    s3 = new_embedded_s3(bucket=settings.s3_bucket, port=args.port)
     s3.start()
     cfg = s3.config
     print(f"embedded S3 on {cfg.endpoint} (bucket {cfg.bucket}); for the actors:\n"
@@ -81,9 +100,30 @@ def _cmd_s3(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+#: the subcommands living in their own modules: name → ("module:function" that adds the command's
+#: arguments, its one-line help). A module is imported only when its command is parsed, so
+#: ``getgoodtape --help`` and ``--version`` load none of them and each command loads only its own
+#: (aiohttp, rich, aio-pika, boto, yt-dlp, moto stay out of the commands that do not use them)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("actors.cli.convert:convert_arguments", "convert a URL or local file end to end in this process"),
+    "submit": ("actors.cli.convert:submit_arguments",
+               "publish a request to a running deployment (needs GGT_AMQP_URL)"),
+    "dlq": ("actors.cli.dlq:dlq_arguments", "list, show, replay or purge dead letters (needs GGT_AMQP_URL)"),
+    "provision": ("actors.cli.provision:provision_arguments",
+                  "broker users with least permissions (rabbitmqctl lines)"),
+    "check": ("actors.cli.check:check_arguments",
+              "check the broker, storage and programs this role needs; non-zero exit on a failure"),
+}
+
+#: ``build_parser(only=EVERY_COMMAND)``: the arguments of every subcommand (the docs' checks use it)
+EVERY_COMMAND = "*"
+
+
+def build_parser(*, only: str | None = EVERY_COMMAND) -> argparse.ArgumentParser:
+    """The argument parser; the arguments of the ``COMMANDS`` are added for ``only`` (a command
+    name, None for none of them, ``EVERY_COMMAND`` for all), the others are listed by name and help."""
     parser = argparse.ArgumentParser(prog="getgoodtape", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run actors in this process (coordinator, converter, uploader, verifier, "
@@ -99,30 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--port", type=int, default=9000)
     s3.set_defaults(fn=_cmd_s3)
 
-    for extra in _extra_commands():
-        extra(sub)
+    for name, (target, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if only in (name, EVERY_COMMAND):
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(command)
     return parser
 
 
-def _extra_commands():
-    """Subcommands living in their own modules (convert, submit, dlq)."""
-    found = []
-    for module in ("actors.convert_cmd", "actors.dlq_cmd"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError as exc:
-            if exc.name != module:
-                raise
-            continue
-        found.append(mod.register)
-    return found
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not an option), if any."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only=command_of(argv)).parse_args(argv)
     return args.fn(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

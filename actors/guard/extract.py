@@ -1,0 +1,401 @@
+"""yt-dlp extraction where it can be stopped: warm worker processes, one job at a time each.
+
+A page is hostile: it may drip a byte a second or weigh hundreds of MB and be run through hundreds
+of regular expressions. So the converter never extracts on its own event loop or in one of its
+threads: ``ExtractorPool`` keeps warm ``python -m actors.guard.extract`` workers (yt-dlp imported,
+extractor patterns compiled), hands each job to an idle one over a pipe (one JSON line each way)
+and, when a job's deadline passes or it is cancelled, kills that worker's process group and starts
+a fresh one. One bad page costs one worker, never another job's turn; a stopped job leaves no
+thread and no process. Each worker fetches through a guard of its own, whose record, deadline
+and budgets are those of the one job it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from actors.guard.children import child_env
+from actors.guard.proxy import FetchGuard
+from actors.tools import ytdlp_js_runtimes
+from messages.errors import ErrorCode, JobError
+
+log = logging.getLogger(__name__)
+
+#: key of yt-dlp's fallback extractor that reads any web page (its "Unsupported URL" means "no media here")
+GENERIC_EXTRACTOR = "Generic"
+#: a URL no site extractor claims, for the warm-up (it is matched against patterns, never fetched)
+WARM_UP_URL = "https://warm-up.invalid/"
+#: an HTTP date, parsed once at warm-up
+WARM_UP_DATE = "Tue, 02 Jan 2024 03:04:05 GMT"
+#: yt-dlp's own pick is not used (``actors.formats`` chooses), so a spec that never needs merging:
+#: the default one would run ``ffmpeg -version`` (~0.2 s) to see whether merging is possible
+FORMAT_SPEC = "best/bestvideo/bestaudio"
+#: only the first entry of a playlist is ever extracted (the rest would cost a request each)
+PLAYLIST_ITEMS = "1"
+#: the line a worker writes once it is warm
+READY = b'{"ready":true}\n'
+#: largest answer line read from a worker (an info dict with many formats runs to a few MB)
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: seconds a new worker has to import yt-dlp and warm up before it counts as failed
+START_TIMEOUT = 60.0
+
+
+class _YtdlpLog:
+    """yt-dlp's logger interface, forwarded to ours (its errors are raised and reported, so they log at info)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        self._log = target
+
+    def debug(self, message: str) -> None:
+        self._log.debug("yt-dlp: %s", message)
+
+    def info(self, message: str) -> None:
+        self._log.debug("yt-dlp: %s", message)
+
+    def warning(self, message: str) -> None:
+        self._log.info("yt-dlp warning: %s", message)
+
+    def error(self, message: str) -> None:
+        self._log.info("yt-dlp error: %s", message)
+
+
+def ytdlp_params(*, proxy: Mapping[str, object], network_timeout: float, max_bytes: int,
+                 logger: object) -> dict[str, Any]:
+    """YoutubeDL params for resolving untrusted URLs: no config, cache, netrc, downloads or post-processing.
+
+    ``proxy`` is the guard's ``ytdlp_options()``. Config files are a CLI feature (the API reads none);
+    plugins are limited separately (``ytdlp_levers.use_plugin_dir``). ``cookiefile`` stays None even
+    with the operator's cookies: yt-dlp saves its cookiefile on close, so they are put into its jar
+    instead (``actors.guard.cookies``).
+    """
+    return {
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "logger": logger,
+        "skip_download": True,
+        "format": FORMAT_SPEC,
+        "noplaylist": True,  # a watch-URL inside a playlist means the video
+        "playlist_items": PLAYLIST_ITEMS,
+        "extract_flat": False,
+        "lazy_playlist": False,
+        "socket_timeout": network_timeout,
+        # applies to downloads only (we download nothing here); set so no code path ever exceeds it
+        "max_filesize": max_bytes,
+        "usenetrc": False,
+        "netrc_cmd": None,
+        "cachedir": False,
+        "cookiefile": None,
+        "cookiesfrombrowser": None,
+        "postprocessors": [],
+        "external_downloader": {},
+        "source_address": None,
+        "enable_file_urls": False,
+        "allow_unplayable_formats": False,
+        "check_formats": False,
+        **proxy,
+    }
+
+
+#: environment variable holding the feeder's WorkerLevers (JSON): not argv, which ``ps`` shows everyone
+FEEDER_LEVERS_VARIABLE = "GGT_FEEDER_LEVERS"
+
+
+class WorkerLevers(msgspec.Struct, frozen=True, kw_only=True):
+    """The operator's levers for a worker, sent as its first stdin line (never in argv, which ``ps`` shows)."""
+
+    #: the operator's cookies file ("" = none); read-only, loaded into the worker's jar
+    cookies_file: str = ""
+    #: YoutubeDL ``extractor_args`` (``ytdlp_levers.parse_extractor_args``)
+    extractor_args: dict[str, dict[str, list[str]]] = {}
+    #: the plugin directory of the allowed plugin packages ("" = no plugins; ``ytdlp_levers.plugin_view``)
+    plugin_dir: str = ""
+
+
+class ExtractRequest(msgspec.Struct, frozen=True):
+    """One job for a worker: the URL."""
+
+    url: str
+
+
+class ExtractError(msgspec.Struct, frozen=True):
+    """A coded failure, as ``messages.errors.JobError`` carries it."""
+
+    code: str
+    detail: str
+    retryable: bool
+
+
+class ExtractAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A worker's answer: yt-dlp's sanitised info dict, or the coded error."""
+
+    info: dict[str, Any] | None = None
+    error: ExtractError | None = None
+
+
+# --- the worker process
+
+
+class _Worker:
+    """What runs inside ``python -m actors.guard.extract``: yt-dlp, warm, one request at a time."""
+
+    def __init__(self, *, proxy: str, network_timeout: float, max_bytes: int,
+                 levers: WorkerLevers | None = None) -> None:
+        import yt_dlp
+        from yt_dlp.extractor import gen_extractor_classes
+        from yt_dlp.utils import unified_timestamp
+
+        from actors.guard.cookies import cookie_names, load_cookies
+        from actors.guard.ytdlp_levers import use_plugin_dir
+
+        levers = levers or WorkerLevers()
+        use_plugin_dir(levers.plugin_dir)  # only the operator's allowed plugin packages, or none
+        self._cookies = load_cookies(levers.cookies_file) if levers.cookies_file else None
+        self._cookie_names = cookie_names(self._cookies) if self._cookies is not None else frozenset()
+        # one YoutubeDL for the worker's life (making one costs ~0.15 s), always through its guard
+        params = ytdlp_params(proxy={"proxy": proxy, "geo_verification_proxy": proxy},
+                              network_timeout=network_timeout, max_bytes=max_bytes, logger=_YtdlpLog(log))
+        params["extractor_args"] = levers.extractor_args
+        # Deno from PyPI sits beside this interpreter, maybe off PATH: name it (YouTube's challenges)
+        params["js_runtimes"] = ytdlp_js_runtimes() or params.get("js_runtimes", {"deno": {}})
+        self.ydl = yt_dlp.YoutubeDL(params)
+        # yt-dlp's own order (YoutubeDL tries them in it): the first suitable extractor handles a URL
+        self._extractors = gen_extractor_classes()
+        # pay yt-dlp's one-off costs now rather than in the first job (no network involved): every
+        # extractor's URL pattern (~1,900 regexes), the generic extractor's module, the first date parse
+        self.extractor_for(WARM_UP_URL)
+        self.ydl.get_info_extractor(GENERIC_EXTRACTOR)
+        unified_timestamp(WARM_UP_DATE)
+
+    def extractor_for(self, url: str) -> str:
+        """The key of the extractor yt-dlp picks for ``url`` (the generic one is last)."""
+        return next((ie.ie_key() for ie in self._extractors if ie.suitable(url)), "")
+
+    def extract(self, request: ExtractRequest) -> ExtractAnswer:
+        """yt-dlp's processed info for the request's URL, or its coded error."""
+        from yt_dlp.utils import YoutubeDLError
+
+        from actors.formats import ytdlp_error
+        from actors.guard.cookies import apply_to, strip_from_info
+
+        ydl = self.ydl
+        ydl.cookiejar.clear()  # a site's cookies from another job stay with that job
+        if self._cookies is not None:
+            apply_to(ydl.cookiejar, self._cookies)
+        try:
+            info = ydl.extract_info(request.url, download=False, process=True)
+        except YoutubeDLError as exc:  # DownloadError wraps most; RequestError (file:// …) comes bare
+            text = str(exc)
+            by_generic = "unsupported url" in text.lower() and self.extractor_for(request.url) == GENERIC_EXTRACTOR
+            error = ytdlp_error(text, by_generic=by_generic)
+            return ExtractAnswer(error=ExtractError(error.code.value, error.detail, error.retryable))
+        if not isinstance(info, dict):
+            return ExtractAnswer(error=ExtractError("no_media_found", "yt-dlp returned nothing", False))
+        # plain data from here on: no LazyLists or callables cross into the planning core; the
+        # operator's cookies stay in this process (the guards add them again where they match)
+        return ExtractAnswer(info=strip_from_info(ydl.sanitize_info(info), self._cookie_names))
+
+
+def worker_main(argv: list[str]) -> None:
+    """Serve requests from stdin until it closes: one JSON line in, one JSON line out.
+
+    ``argv``: the guard's proxy URL, the network timeout (s), the byte limit; the first stdin line
+    is the WorkerLevers.
+    """
+    # the protocol owns the real stdout; anything a library prints goes to stderr instead
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    proxy, timeout, max_bytes = argv
+    levers = msgspec.json.decode(sys.stdin.buffer.readline(), type=WorkerLevers)
+    worker = _Worker(proxy=proxy, network_timeout=float(timeout), max_bytes=int(max_bytes), levers=levers)
+    decoder = msgspec.json.Decoder(ExtractRequest)
+    encoder = msgspec.json.Encoder(enc_hook=str)
+    answers.write(READY)
+    for line in sys.stdin.buffer:
+        try:
+            answer = worker.extract(decoder.decode(line))
+        except Exception as exc:  # a yt-dlp bug must not take the worker down with a traceback only
+            answer = ExtractAnswer(error=ExtractError("media_unavailable", f"yt-dlp failed: {exc!r}", True))
+        answers.write(encoder.encode(answer) + b"\n")
+
+
+# --- the pool, in the converter
+
+
+class _Process:
+    """One running worker, its pipes, and the guard it fetches through (its record is the current job's)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, guard: FetchGuard) -> None:
+        self.proc = proc
+        self.guard = guard
+
+    async def ask(self, request: ExtractRequest) -> ExtractAnswer:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(msgspec.json.encode(request) + b"\n")
+        await self.proc.stdin.drain()
+        line = await self.proc.stdout.readline()
+        if not line.endswith(b"\n"):
+            raise ConnectionError(f"extraction worker ended (exit status {self.proc.returncode})")
+        return msgspec.json.decode(line, type=ExtractAnswer)
+
+    async def kill(self) -> None:
+        """SIGKILL the worker's group (yt-dlp's Deno children too), reap it, stop its guard."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        waiter = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            await asyncio.wait([waiter])  # SIGKILL was sent: the wait is short
+            raise
+        finally:
+            await self.guard.__aexit__(None, None, None)
+
+
+class ExtractorPool:
+    """Up to ``size`` extraction workers, ``warm`` of them started up front; ``await pool.extract(…)`` runs one job.
+
+    ``async with ExtractorPool(size=4) as pool:``. A job takes an idle worker, or starts one while
+    fewer than ``size`` run (~1 s, once), or waits; a job that fails its deadline or is cancelled
+    takes its worker with it (killed and reaped), and a new one is started in the pool's own task
+    group while fewer than ``warm`` are left.
+    """
+
+    def __init__(self, *, size: int, make_guard: Callable[[], FetchGuard], network_timeout: float,
+                 max_bytes: int, warm: int = 1, environ: Mapping[str, str] | None = None,
+                 levers: WorkerLevers | None = None) -> None:
+        self._size = max(1, size)
+        self._make_guard = make_guard
+        self._network_timeout = network_timeout
+        self._max_bytes = max_bytes
+        self._warm = min(max(1, warm), self._size)
+        self._environ = os.environ if environ is None else environ
+        self._levers = msgspec.json.encode(levers or WorkerLevers()) + b"\n"
+        self._idle: asyncio.Queue[_Process] = asyncio.Queue()
+        self._all: set[_Process] = set()
+        self._group = asyncio.TaskGroup()
+        self._replacing: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ExtractorPool:
+        await self._group.__aenter__()
+        try:
+            workers = await asyncio.gather(*(self._start() for _ in range(self._warm)))
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        for worker in workers:
+            self._idle.put_nowait(worker)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        for task in list(self._replacing):
+            task.cancel()
+        try:
+            await self._group.__aexit__(*exc_info)
+        finally:
+            for worker in list(self._all):
+                await worker.kill()
+            self._all.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the pool's workers (running or starting)."""
+        return [worker.proc.pid for worker in self._all]
+
+    async def extract(self, url: str, *, deadline: float) -> ExtractAnswer:
+        """yt-dlp's answer for ``url`` (the guard's error first, when it refused or cut a fetch);
+        TimeoutError when ``deadline`` (loop time) passes first."""
+        async with asyncio.timeout_at(deadline):
+            if self._idle.empty() and len(self._all) < self._size:
+                worker = await self._start()
+            else:
+                worker = await self._idle.get()
+        guard = worker.guard
+        guard.blocked.clear()
+        guard.failures.clear()
+        # the guard closes the job's connections at the deadline too: a page that drips is cut off
+        guard.set_deadline(deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await worker.ask(ExtractRequest(url=url))
+        except BaseException:
+            # a worker in the middle of a page is not reusable: it goes, a fresh one comes
+            self._all.discard(worker)
+            await worker.kill()
+            if len(self._all) < self._warm:
+                task = self._group.create_task(self._replace())
+                self._replacing.add(task)
+                task.add_done_callback(self._replacing.discard)
+            raise
+        guard.set_deadline(None)
+        self._idle.put_nowait(worker)
+        refused = guard.blocked_error()
+        if refused is not None:  # a refused fetch explains any failure best
+            return ExtractAnswer(error=ExtractError(refused.code.value, refused.detail, refused.retryable))
+        return answer
+
+    async def _replace(self) -> None:
+        try:
+            worker = await self._start()
+        except Exception:
+            log.exception("could not start an extraction worker; the pool runs one short")
+            return
+        self._idle.put_nowait(worker)
+
+    async def _start(self) -> _Process:
+        from actors.ffmpeg import die_with_parent
+
+        guard = await self._make_guard().__aenter__()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "actors.guard.extract",
+                guard.proxy_url, str(self._network_timeout), str(self._max_bytes),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                env=child_env(self._environ), start_new_session=True, preexec_fn=die_with_parent,
+                limit=MAX_ANSWER_BYTES,
+            )  # fmt: skip
+        except BaseException:
+            await guard.__aexit__(None, None, None)
+            raise
+        worker = _Process(proc, guard)
+        self._all.add(worker)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            proc.stdin.write(self._levers)
+            async with asyncio.timeout(START_TIMEOUT):
+                line = await proc.stdout.readline()
+            if line != READY:
+                raise RuntimeError(f"extraction worker did not start (exit status {proc.returncode})")
+        except BaseException:
+            self._all.discard(worker)
+            await worker.kill()
+            raise
+        return worker
+
+
+async def extracted_info(pool: ExtractorPool, url: str, *, deadline: float) -> dict[str, Any]:
+    """yt-dlp's processed info for ``url`` from ``pool`` (plain data); raises the coded JobError of a
+    failure, ``timeout`` when ``deadline`` (loop time) passes first."""
+    try:
+        answer = await pool.extract(url, deadline=deadline)
+    except TimeoutError:
+        raise JobError(ErrorCode.TIMEOUT, "resolving the URL ran past the job's time limit") from None
+    if answer.error is not None:
+        raise JobError(ErrorCode(answer.error.code), answer.error.detail, retryable=answer.error.retryable)
+    if answer.info is None:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, "yt-dlp returned nothing")
+    return answer.info
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])

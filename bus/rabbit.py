@@ -322,7 +322,7 @@ class RabbitBus(Bus):
         assert self._channel is not None, "bus not started"
         try:
             if self._channel.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError("publish channel closed (reconnecting)")
+                await self._await_reconnect(exchange)
             # the robust channel's current underlying channel: a new one after a reconnect
             channel = await self._channel.get_underlay_channel()
             # asyncio.timeout rather than a timeout argument, which wraps every publish in a task
@@ -340,6 +340,22 @@ class RabbitBus(Bus):
             raise PublishTimeout(
                 f"no confirm within {self.topology.publish_timeout}s for {exchange!r}/{routing_key!r}"
             ) from exc
+
+    async def _await_reconnect(self, exchange: str) -> None:
+        """Wait, up to the publish timeout, for the robust channel to come back after a dropped connection.
+
+        Raising at once would turn every caller's retry into a busy loop that starves the very
+        reconnect it waits for; nothing has been sent yet, so a caller may retry a BusError freely.
+        """
+        assert self._channel is not None and self._publish_conn is not None
+        if self._publish_conn.close_called:
+            raise BusError(f"bus stopped: cannot publish to {exchange!r}")
+        try:
+            async with asyncio.timeout(self.topology.publish_timeout):
+                await self._channel.ready()
+        except TimeoutError:
+            raise BusError(f"broker connection still down after {self.topology.publish_timeout}s: "
+                           f"nothing published to {exchange!r}") from None
 
     # -------------------------------------------------------------------------------- consuming
 

@@ -17,7 +17,7 @@ from bus.base import BusError
 from bus.replay import list_letters, replay
 from messages.errors import ErrorCode
 from messages.routing import ROUTING_KEYS
-from messages.types import ConvertRequested, JobCompleted, JobFailed, JobProgress, Stage
+from messages.types import ConvertRequested, JobCompleted, JobFailed, JobProgress, Stage, VerifyObject
 from tests.fixtures.pipeline import pipeline_settings
 from tests.support.cluster import actor_cluster
 from tests.support.faults import (
@@ -175,6 +175,21 @@ async def test_an_event_subscription_rides_out_the_broker_closing_its_connection
             while not await arrives(events, n, within=1.0):
                 n += 1
         assert await arrives(events, n + 1, within=10.0)
+
+
+async def test_a_publish_while_the_connection_is_down_waits_for_the_reconnect_and_lands(amqp_url, rabbit_bus):
+    """Raising at once made every caller's retry a busy loop that starved the reconnect it waited for."""
+    vhost = vhost_of(amqp_url)
+    await rabbitmqctl("close_all_connections", "-p", vhost, "fault injected by the test")
+    await until(lambda: rabbit_bus._channel.is_closed, what="the client seeing its channel closed")
+    await rabbit_bus.publish(VerifyObject(job_id="down-then-up", key="converted/down-then-up.mp3", size=1,
+                                          etag="e", content_type="audio/mpeg", format="mp3", duration=1.0))
+    deliveries = rabbit_bus.deliveries("verifier", prefetch=1)
+    async with asyncio.timeout(30):
+        delivery = await anext(deliveries)
+    assert (delivery.envelope.job_id, delivery.authenticated) == ("down-then-up", True)
+    await delivery.ack()
+    await deliveries.aclose()
 
 
 async def test_broker_restart_mid_flight_loses_and_duplicates_no_job(

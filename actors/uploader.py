@@ -343,7 +343,7 @@ class Uploader(Actor):
                                                     timeout=self.settings.network_timeout),
                             max_bytes=guarded.max_bytes,
                             on_progress=progress.update,
-                            env=feeder_env(guard.subprocess_env(dict(os.environ)), self.levers.worker_levers()),
+                            env=feeder_env(guard.subprocess_env(os.environ), self.levers.worker_levers()),
                             memory_limit=self.settings.child_memory_limit,
                             pass_fds=(cover.fd,) if cover is not None else (),
                         ) as ff:

@@ -1,7 +1,7 @@
 # GetGoodTape: one image for every actor; the command picks which one runs.
 #   docker build -t getgoodtape:local .
 #   docker run --rm getgoodtape:local run uploader      # coordinator | converter | uploader | verifier | gateway | all
-# Configuration is GGT_* environment variables at run time (actors/settings.py); nothing secret is baked in.
+# Configuration is GGT_* environment variables at run time (actors/runtime/settings.py); nothing secret is baked in.
 # Deployment notes: docs/DEPLOY.md. Needs BuildKit (Docker's default builder since 23.0) for COPY --chmod.
 
 FROM python:3.12.13-slim-trixie AS builder

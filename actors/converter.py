@@ -1,7 +1,7 @@
 """The converter: ResolveMedia → yt-dlp (+ ffprobe for direct links) → limits checked → MediaResolved.
 
-The decisions live in ``actors.formats`` (which format, what the source is, which error code) and
-``actors.planning`` (the plan and the limits); this module does the I/O around them.
+The decisions live in ``actors.core.ytdlp_info`` (which format, what the source is, which error code) and
+``actors.core.plan`` (the plan and the limits); this module does the I/O around them.
 
 Every fetch goes through the SSRF guard; each job has guards of its own (one for yt-dlp, one for
 ffprobe), holding the job's deadline and byte budgets. yt-dlp runs in warm worker processes
@@ -18,16 +18,19 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from actors.formats import probe_target, source_info, with_probe
-from actors.freshness import stamp_resolution
+from actors.adapters.ffprobe import ffprobe
+from actors.adapters.levers import Levers
+from actors.core.freshness import stamp_resolution
+from actors.core.plan import Limits, plan_media
+from actors.core.probe import ProbeResult
+from actors.core.request import validate_request
+from actors.core.source import SourceInput
+from actors.core.ytdlp_info import probe_target, source_info, with_probe
 from actors.guard import check_url
 from actors.guard.extract import ExtractorPool, extracted_info, ytdlp_params  # noqa: F401 (re-exported)
 from actors.guard.proxy import PAGE_BUDGET
 from actors.guard.urls import refuse_unfetchable
-from actors.levers import Levers
-from actors.planning import Limits, SourceInput, plan_media, validate_request
-from actors.probe import ProbeResult, ffprobe
-from actors.runtime import Actor, Context
+from actors.runtime.worker import Actor, Context
 from messages.errors import ErrorCode, JobError
 from messages.types import ConvertRequested, MediaPlan, MediaResolved, ResolveMedia, Stage
 

@@ -13,10 +13,8 @@ from typing import ClassVar
 
 import msgspec
 
-from actors import metrics
-from actors.freshness import refresh_problem
-from actors.guard import check_url
-from actors.jobs import (
+from actors.core.freshness import refresh_problem
+from actors.core.jobs import (
     TERMINAL,
     JobRecord,
     decode_record,
@@ -32,10 +30,13 @@ from actors.jobs import (
     timings,
     utcnow,
 )
-from actors.parts import SINGLE_PUT_MAX_BYTES, plan_parts
-from actors.planning import progress_percent, validate_request
-from actors.runtime import Actor, Context
-from actors.wiring import storage_config
+from actors.core.parts import SINGLE_PUT_MAX_BYTES, plan_parts
+from actors.core.request import validate_request
+from actors.core.stages import progress_percent
+from actors.guard import check_url
+from actors.runtime import metrics
+from actors.runtime.storage import storage_config
+from actors.runtime.worker import Actor, Context
 from bus.base import Unroutable
 from messages.codec import Envelope, decode, new_id, request_hints
 from messages.errors import Error, ErrorCode, JobError

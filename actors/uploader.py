@@ -18,28 +18,21 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import msgspec
 
-from actors import metrics
-from actors.ffmpeg import FfmpegProcess
-from actors.freshness import may_reresolve, plan_expired, refreshed_plan
+from actors.adapters.ffmpeg import FfmpegProcess
+from actors.adapters.levers import Levers
+from actors.adapters.upload import StreamResult, stream_to_target
+from actors.core.ffmpeg_args import CoverInput, ImageDemuxer, cover_demuxer, ffmpeg_argv
+from actors.core.freshness import may_reresolve, plan_expired, refreshed_plan
+from actors.core.plain import require_http_url
+from actors.core.plan import source_budget
+from actors.core.stages import MonotonicProgress, check_output_duration, converting_fraction
 from actors.guard import FetchGuard, check_url
 from actors.guard.extract import FEEDER_LEVERS_VARIABLE, ExtractorPool, WorkerLevers, extracted_info
 from actors.guard.proxy import PAGE_BUDGET
 from actors.guard.ranges import ranged_url
-from actors.levers import Levers
-from actors.planning import (
-    CoverInput,
-    ImageDemuxer,
-    MonotonicProgress,
-    check_output_duration,
-    converting_fraction,
-    cover_demuxer,
-    ffmpeg_argv,
-    require_http_url,
-    source_budget,
-)
-from actors.runtime import Actor, Context
-from actors.settings import Settings
-from actors.streaming import StreamResult, stream_to_target
+from actors.runtime import metrics
+from actors.runtime.settings import Settings
+from actors.runtime.worker import Actor, Context
 from messages.errors import ErrorCode, JobError
 from messages.types import (
     InputVia,

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 
-from actors import metrics
-from actors.planning import CATALOG
-from actors.probe import ProbeResult, ffprobe
-from actors.runtime import Actor, Context
-from actors.wiring import storage_config
+from actors.adapters.ffprobe import ffprobe
+from actors.core.catalog import CATALOG
+from actors.core.probe import ProbeResult
+from actors.runtime import metrics
+from actors.runtime.storage import storage_config
+from actors.runtime.worker import Actor, Context
 from messages.errors import ErrorCode, JobError
 from messages.types import Stage, Verified, VerifyObject
 from storage import ObjectInfo, Storage, StorageUnavailable

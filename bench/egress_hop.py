@@ -18,7 +18,7 @@ from aiohttp import web
 
 from actors.guard.egress import Egress
 from actors.guard.proxy import FetchGuard
-from actors.webserve import serving
+from actors.runtime.http import serving
 from tests.support.egress_proxy import RecordingConnectProxy
 
 

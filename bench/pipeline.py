@@ -31,8 +31,8 @@ from pathlib import Path
 
 import msgspec
 
-from actors.planning import ffmpeg_argv, output_args
-from actors.settings import Settings
+from actors.core.ffmpeg_args import ffmpeg_argv, output_args
+from actors.runtime.settings import Settings
 from bench.procs import Cost, Watched, run_measured, watching
 from bench.services import Service, free_port, load_average, python, queue_consumers, rabbit_vhost, versions
 from bench.sources import ensure_sources
@@ -454,7 +454,7 @@ async def uploader_rows(sizes: tuple[str, ...], *, part_size: int) -> list[Uploa
     """bench.uploader's child (ffmpeg → stream_to_target) against its null sink, at each size."""
     from aiohttp import web
 
-    from actors.webserve import serving
+    from actors.runtime.http import serving
     from bench.uploader import NullStore, parse_size, run_one
 
     app = web.Application(client_max_size=0)

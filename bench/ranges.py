@@ -20,7 +20,7 @@ import aiohttp
 
 from actors.guard import FetchGuard
 from actors.guard.ranges import ranged_url
-from actors.webserve import serving
+from actors.runtime.http import serving
 from bench.server import make_app
 
 MiB = 1024 * 1024

@@ -12,7 +12,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from actors.webserve import serving
+from actors.runtime.http import serving
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 

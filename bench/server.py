@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from actors.webserve import serving
+from actors.runtime.http import serving
 
 #: bytes read from disk and written per step of the paced route
 CHUNK = 256 * 1024

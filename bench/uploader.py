@@ -110,8 +110,8 @@ async def child_main() -> None:
     """The uploader's data path on its own: ffmpeg → stream_to_target; the result on stdout."""
     import aiohttp
 
-    from actors.ffmpeg import FfmpegProcess
-    from actors.streaming import stream_to_target
+    from actors.adapters.ffmpeg import FfmpegProcess
+    from actors.adapters.upload import stream_to_target
     from messages.types import UploadTarget
 
     job = msgspec.json.decode(sys.stdin.buffer.read(), type=ChildJob)
@@ -178,7 +178,7 @@ class S3Store:
 
     async def prepare(self, key: str, *, max_bytes: int, part_size: int):
         """An UploadTarget for ``key`` as the coordinator would send it."""
-        from actors.parts import plan_parts
+        from actors.core.parts import plan_parts
         from messages.types import PartUpload, UploadTarget
 
         planned_size, count = plan_parts(max_bytes, part_size=part_size)
@@ -228,7 +228,7 @@ class NullStore:
 
     async def prepare(self, key: str, *, max_bytes: int, part_size: int):
         """A target whose every URL is this sink."""
-        from actors.parts import plan_parts
+        from actors.core.parts import plan_parts
         from messages.types import PartUpload, UploadTarget
 
         planned_size, count = plan_parts(max_bytes, part_size=part_size)
@@ -325,7 +325,7 @@ async def _open_store(kind: str):
     if kind == "null":
         from aiohttp import web
 
-        from actors.webserve import serving
+        from actors.runtime.http import serving
 
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", NullStore.handle)

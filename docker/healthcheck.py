@@ -8,7 +8,7 @@ process, under ``docker-init`` or as PID 1):
 - other actors with ``GGT_METRICS_PORT`` set: ``GET /metrics`` (the process answers, its loop runs);
 - otherwise: healthy while a ``getgoodtape run`` process exists (no HTTP to ask).
 
-Settings come from the same ``GGT_*`` variables as the process itself (actors.settings).
+Settings come from the same ``GGT_*`` variables as the process itself (actors.runtime.settings).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def answers_ok(url: str, *, timeout: float = PROBE_TIMEOUT) -> bool:
 
 def main(proc_root: Path = Path("/proc")) -> int:
     """Probe this container; 0 healthy, 1 unhealthy (Docker's HEALTHCHECK convention)."""
-    from actors.settings import load_settings
+    from actors.runtime.settings import load_settings
 
     actors = find_run_arguments(proc_root)
     if actors is None:

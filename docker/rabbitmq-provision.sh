@@ -1,7 +1,7 @@
 #!/bin/sh
 # The rabbitmq service's entrypoint (compose.yaml): starts the broker, then creates GetGoodTape's
 # broker users with least permissions — the lines `getgoodtape provision` prints (docs/SECURITY.md;
-# tests/test_bus_trust.py checks this file against them). Runs at every start: idempotent.
+# tests/core/test_bus_trust.py checks this file against them). Runs at every start: idempotent.
 #
 #   ggt-service          every actor, the gateway, `getgoodtape dlq`: the ggt.* resources (and amq.*
 #                        for replies and private subscriptions); the only writer of ggt.commands

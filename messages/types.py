@@ -16,7 +16,7 @@ from messages.errors import Error
 # ---------------------------------------------------------------------------------------- scalars
 
 #: A job id's characters, the one home of the rule (match it whole, e.g. ``re.fullmatch``); storage/keys.py
-#: repeats it because storage imports no project package, and tests/test_messages.py checks the two agree.
+#: repeats it because storage imports no project package, and tests/edges/test_messages.py checks the two agree.
 JOB_ID_SHAPE = r"[A-Za-z0-9][A-Za-z0-9_-]{7,63}"
 #: A job id: client-supplied or generated; safe in object keys, routing keys and URLs.
 #: ``$(?!\n)``: a bare ``$`` also matches before a trailing newline, which would let "id\n" through.
@@ -93,7 +93,7 @@ class Format(enum.StrEnum):
 class Quality(enum.StrEnum):
     """Audio bitrates in kbit/s, video maximum heights in pixels, or ``best``.
 
-    Which values fit which format is decided by ``actors.planning.allowed_qualities``.
+    Which values fit which format is decided by ``actors.core.request.allowed_qualities``.
     """
 
     K64 = "64"

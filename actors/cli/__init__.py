@@ -15,10 +15,10 @@ from actors import __version__
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from actors.logs import setup_logging
-    from actors.registry import ACTOR_CLASSES
-    from actors.serve import serve
-    from actors.settings import load_settings
+    from actors.bootstrap.registry import ACTOR_CLASSES
+    from actors.bootstrap.serve import serve
+    from actors.runtime.logs import setup_logging
+    from actors.runtime.settings import load_settings
 
     settings = load_settings()
     setup_logging(settings.log_level)
@@ -81,8 +81,8 @@ def _cmd_s3(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from actors.settings import load_settings
-    from actors.wiring import new_embedded_s3
+    from actors.bootstrap.wiring import new_embedded_s3
+    from actors.runtime.settings import load_settings
 
     settings = load_settings()
     s3 = new_embedded_s3(bucket=settings.s3_bucket, port=args.port)

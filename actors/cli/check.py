@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import msgspec
 
-from actors import tools
-from actors.settings import Settings, load_settings
+from actors.adapters import tools
+from actors.runtime.settings import Settings, load_settings
 
 #: every role ``check`` knows; ``all`` is every one of them
 ROLES = ("coordinator", "converter", "uploader", "verifier", "gateway")
@@ -118,7 +118,7 @@ async def check_broker(settings: Settings) -> Check:
     """Connect with the configured user and declare the topology (idempotent) as the actors will."""
     if not settings.amqp_url:
         return Check(what="broker", status=Status.OK, detail="in-memory bus (GGT_AMQP_URL not set: one process only)")
-    from actors.wiring import make_bus
+    from actors.bootstrap.wiring import make_bus
 
     bus = make_bus(settings, name="check")
     started = time.monotonic()
@@ -182,13 +182,13 @@ async def _fetch(http: aiohttp.ClientSession, method: str, url: str, *, data: by
 
 async def check_storage(settings: Settings, *, write: bool) -> list[Check]:
     """Bucket and credentials, conditional writes (``write``), presigned PUT/GET on both endpoints, skew."""
-    from actors.wiring import storage_config
+    from actors.runtime.storage import storage_config
     from messages.codec import new_id
     from storage.errors import StorageError, WriteConflict
     from storage.s3 import Storage
 
     if not settings.s3_endpoint:
-        from actors.wiring import EMBEDDED_S3_MISSING
+        from actors.bootstrap.wiring import EMBEDDED_S3_MISSING
 
         try:
             import storage.embedded
@@ -276,7 +276,7 @@ async def _conditional_writes(storage, key: str, conflict: type[Exception]) -> C
 async def _presigned_gets(settings: Settings, storage, http: aiohttp.ClientSession, key: str, body: bytes,
                           stack: contextlib.AsyncExitStack, options: dict) -> list[Check]:
     """The probe object read back through a presigned GET on the configured and the public endpoint."""
-    from actors.wiring import storage_config
+    from actors.runtime.storage import storage_config
     from storage.s3 import Storage
 
     results = []
@@ -367,10 +367,10 @@ LEVER_FIXES = {
 async def check_levers(settings: Settings) -> list[Check]:
     """The operator's levers (egress proxy, cookies, extractor arguments, plugins): usable or not,
     shown without a secret (proxy credentials masked, no cookie value, argument names only)."""
+    from actors.adapters.levers import lever_problems
     from actors.guard.cookies import load_cookies
     from actors.guard.egress import masked_proxy_url
     from actors.guard.ytdlp_levers import parse_extractor_args, plugin_files
-    from actors.levers import lever_problems
 
     problems = lever_problems(settings)
     results = [Check(what=f"setting {name}", status=Status.FAIL, detail=problem, fix=LEVER_FIXES[name])

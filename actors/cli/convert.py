@@ -25,13 +25,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from actors.bootstrap.registry import ACTOR_CLASSES
+from actors.bootstrap.serve import embedded_storage, install_stop_signals, started_bus, workers
+from actors.bootstrap.wiring import make_bus
 from actors.cli.check import run_checks, stop_on_failure
-from actors.jobs import owner_of
-from actors.registry import ACTOR_CLASSES
-from actors.serve import embedded_storage, install_stop_signals, started_bus, workers
-from actors.settings import Settings, load_settings
-from actors.webserve import serving
-from actors.wiring import make_bus
+from actors.core.jobs import owner_of
+from actors.runtime.http import serving
+from actors.runtime.settings import Settings, load_settings
 from bus.base import Bus, DeadLetter
 from messages.codec import decode, new_id
 from messages.routing import ACTORS, DEFAULT_TENANT, dead_letter_queue, job_events_pattern
@@ -367,7 +367,7 @@ def _safe_name(title: str, job_id: str) -> str:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from actors.logs import setup_logging
+    from actors.runtime.logs import setup_logging
 
     settings = load_settings()
     local = local_source(args.source)

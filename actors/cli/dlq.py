@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika.exceptions
 
-from actors.settings import Settings, load_settings
-from actors.wiring import make_bus
+from actors.bootstrap.wiring import make_bus
+from actors.runtime.settings import Settings, load_settings
 from bus.base import Bus, BusError, DeadLetter
 from bus.replay import (
     ALL_ACTORS,

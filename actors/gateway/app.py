@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp_cors
 from aiohttp import web
 
-from actors import metrics
+from actors.core.jobs import owner_of, utcnow
 from actors.gateway import handlers, sse
 from actors.gateway.auth import Access, access_middleware, parse_api_keys
 from actors.gateway.errors import error_middleware
@@ -36,8 +36,8 @@ from actors.gateway.keys import (
 )
 from actors.gateway.monitor import Monitor
 from actors.gateway.stats import OutcomeTracker
-from actors.jobs import owner_of, utcnow
-from actors.settings import Settings
+from actors.runtime import metrics
+from actors.runtime.settings import Settings
 from bus.auth import verify
 from bus.base import Bus
 from storage import Storage
@@ -226,9 +226,10 @@ async def run_gateway(settings: Settings, *, with_actors: Sequence[str] = ()) ->
     """``getgoodtape run gateway [actors…]``: serve the API on http_host:http_port until a stop signal,
     with ``with_actors`` running in this process (``all`` = every actor; then the in-memory bus and
     the embedded S3 are fine when nothing is configured)."""
-    from actors.registry import ACTOR_CLASSES
-    from actors.serve import install_stop_signals, local_services, workers
-    from actors.wiring import make_bus, storage_config
+    from actors.bootstrap.registry import ACTOR_CLASSES
+    from actors.bootstrap.serve import install_stop_signals, local_services, workers
+    from actors.bootstrap.wiring import make_bus
+    from actors.runtime.storage import storage_config
 
     check_settings(settings)
     names = list(ACTOR_CLASSES) if "all" in with_actors else list(with_actors)

@@ -11,7 +11,8 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from actors import metrics
+from actors.core.jobs import JobRecord, decode_record, job_id_for, store_owner
+from actors.core.request import allowed_qualities, default_quality
 from actors.gateway import sse
 from actors.gateway.auth import request_tenant
 from actors.gateway.errors import MESSAGES, ApiError, HttpCode, job_error_response, json_response
@@ -42,8 +43,7 @@ from actors.gateway.views import (
     StatsView,
     StorageView,
 )
-from actors.jobs import JobRecord, decode_record, job_id_for, store_owner
-from actors.planning import allowed_qualities, default_quality
+from actors.runtime import metrics
 from bus.base import BusError
 from messages.codec import DecodeError, decode, new_id
 from messages.errors import Error, ErrorCode
@@ -268,7 +268,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def formats_view() -> Formats:
-    """Every output format with its qualities and default (from actors.planning)."""
+    """Every output format with its qualities and default (from actors.core.catalog)."""
     return Formats(formats=[
         FormatInfo(format=f.value, video=f.is_video, qualities=[q.value for q in allowed_qualities(f)],
                    default_quality=default_quality(f).value)

@@ -10,7 +10,7 @@ from aiohttp import web
 from actors.gateway.monitor import MONITOR_TTL_S, STATS_TTL_S, Monitor
 from actors.gateway.sse import EventHub
 from actors.gateway.stats import OutcomeTracker
-from actors.settings import Settings
+from actors.runtime.settings import Settings
 from bus.base import Bus
 from storage import Storage
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import msgspec
 from aiohttp import web
 
-from actors.jobs import JobRecord, final_event
+from actors.core.jobs import JobRecord, final_event
 from messages.codec import DecodeError, Envelope, decode
 from messages.routing import EVENT_NAMES
 from messages.types import STAGE_ORDER, Base, JobCompleted, JobFailed, JobProgress, Stage

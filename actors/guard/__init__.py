@@ -16,7 +16,7 @@ cloud metadata addresses are refused whatever either says. The layers:
 - ``egress``: how the guard opens an upstream connection — to the vetted address, directly or
   tunnelled through the operator's egress proxy (``GGT_EGRESS_PROXY``);
 - ``cookies``, ``ytdlp_levers``: the operator's cookies file (read-only, never in a message),
-  yt-dlp extractor arguments and the allow-list of plugin packages (``actors.levers`` builds them).
+  yt-dlp extractor arguments and the allow-list of plugin packages (``actors.adapters.levers`` builds them).
 
 Why the gateway: ffmpeg's HLS and DASH demuxers open nested URLs with any protocol whose name
 begins with ``http`` (``httpproxy://`` is raw TCP to any host), and ``tcp`` must stay whitelisted
@@ -24,12 +24,12 @@ for http itself, so a proxy that only sees requests cannot stop a playlist namin
 ``httpproxy://``. Through the gateway, ffmpeg is never handed a URL the guard did not write: its
 whitelist is ``http,tcp,crypto`` (no https, tls or httpproxy: the guard does TLS upstream), and
 whatever it resolves relative to a gateway URL lands on the gateway. Tested end to end in
-tests/test_guard_sources.py with a recording listener on the "internal" host.
+tests/guard/test_guard_sources.py with a recording listener on the "internal" host.
 
 The gateway judges what ffmpeg will probe, not each response alone: a body that ends inside the
 sniff window (a 3-byte ``#EX``) and is continued by ffmpeg's reconnect (``Range: bytes=3-``) is
 sniffed joined with what came before, and a join that makes a playlist or manifest is refused
-(``FetchGuard._judged_with_head``; tests/test_attack_review.py).
+(``FetchGuard._judged_with_head``; tests/system/test_attack_review.py).
 
 Residual risks, known and accepted:
 

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from actors.formats import COOKIE_ATTRIBUTES
+from actors.core.ytdlp_info import COOKIE_ATTRIBUTES
 
 
 class CookiesFileInvalid(ValueError):

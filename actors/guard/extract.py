@@ -23,9 +23,9 @@ from typing import Any
 
 import msgspec
 
+from actors.adapters.tools import ytdlp_js_runtimes
 from actors.guard.children import child_env
 from actors.guard.proxy import FetchGuard
-from actors.tools import ytdlp_js_runtimes
 from messages.errors import ErrorCode, JobError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ GENERIC_EXTRACTOR = "Generic"
 WARM_UP_URL = "https://warm-up.invalid/"
 #: an HTTP date, parsed once at warm-up
 WARM_UP_DATE = "Tue, 02 Jan 2024 03:04:05 GMT"
-#: yt-dlp's own pick is not used (``actors.formats`` chooses), so a spec that never needs merging:
+#: yt-dlp's own pick is not used (``actors.core.ytdlp_info`` chooses), so a spec that never needs merging:
 #: the default one would run ``ffmpeg -version`` (~0.2 s) to see whether merging is possible
 FORMAT_SPEC = "best/bestvideo/bestaudio"
 #: only the first entry of a playlist is ever extracted (the rest would cost a request each)
@@ -184,7 +184,7 @@ class _Worker:
         """yt-dlp's processed info for the request's URL, or its coded error."""
         from yt_dlp.utils import YoutubeDLError
 
-        from actors.formats import ytdlp_error
+        from actors.core.ytdlp_info import ytdlp_error
         from actors.guard.cookies import apply_to, strip_from_info
 
         ydl = self.ydl
@@ -353,7 +353,7 @@ class ExtractorPool:
         self._idle.put_nowait(worker)
 
     async def _start(self) -> _Process:
-        from actors.ffmpeg import die_with_parent
+        from actors.adapters.ffmpeg import die_with_parent
 
         guard = await self._make_guard().__aenter__()
         try:

@@ -15,8 +15,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from actors.settings import Settings
-from actors.wiring import make_bus
+from actors.bootstrap.wiring import make_bus
+from actors.runtime.settings import Settings
 from bus.base import Bus
 from messages.types import ConvertRequested
 from tests.support.events import EventLog

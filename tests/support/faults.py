@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import aio_pika
 
-from actors.jobs import JobRecord, decode_record
+from actors.core.jobs import JobRecord, decode_record
 from messages.types import JobProgress, Stage
 from storage import JobStore, Storage
 from tests.fixtures.media import MediaLibrary

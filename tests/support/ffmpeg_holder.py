@@ -2,7 +2,7 @@
 
 import asyncio
 
-from actors.ffmpeg import FfmpegProcess
+from actors.adapters.ffmpeg import FfmpegProcess
 
 
 async def main() -> None:

@@ -16,10 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
-from actors.logs import setup_logging
-from actors.runtime import Actor, Context, Worker
-from actors.settings import load_settings
-from actors.wiring import make_bus
+from actors.bootstrap.wiring import make_bus
+from actors.runtime.logs import setup_logging
+from actors.runtime.settings import load_settings
+from actors.runtime.worker import Actor, Context, Worker
 from messages.errors import ErrorCode, JobError
 from messages.types import Verified, VerifyObject
 

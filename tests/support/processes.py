@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from actors.settings import Settings
+from actors.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from actors.webserve import serving
+from actors.runtime.http import serving
 from bench.server import byte_range, make_app
 from tests.fixtures.media import content_type_for
 

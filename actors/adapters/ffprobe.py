@@ -1,0 +1,132 @@
+"""A small async ffprobe wrapper: what a URL or file holds (format, duration, streams).
+
+Used by the converter (the duration of direct links) and the verifier (the stored object, through
+a presigned GET). ffprobe runs in its own process group, which is killed on timeout or cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+import msgspec
+
+from actors.adapters.ffmpeg import child_preexec
+from actors.core.ffmpeg_args import HLS_PROTOCOLS, MAX_VIDEO_PIXELS
+from actors.core.plain import header_block
+from actors.core.probe import ProbeResult, parse_probe_json
+from actors.guard.children import child_env
+from messages.errors import ErrorCode, JobError
+from messages.types import HTTP_SCHEMES
+
+#: protocols for a local path (tests, tools); user URLs never get ``file``
+LOCAL_PROTOCOLS = "file,pipe"
+#: most bytes of ffprobe's stderr kept for the error detail
+STDERR_KEEP = 2000
+#: stderr phrases meaning "reachable, but not media" rather than "could not fetch"
+_NOT_MEDIA_HINTS = ("Invalid data found", "could not find codec parameters", "moov atom not found")
+
+
+
+def probe_argv(
+    url_or_path: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    count_packets: bool = False,
+    ffprobe_bin: str = "ffprobe",
+    wrap_input: Callable[[list[str]], list[str]] | None = None,
+) -> list[str]:
+    """The ffprobe argv for ``url_or_path``: http(s)/HLS protocols for URLs, ``file`` only for local paths.
+
+    ``wrap_input`` rewrites the input's own options (the SSRF guard's ``input_args`` adds its proxy).
+    """
+    scheme = urlsplit(url_or_path).scheme.lower()
+    argv = [ffprobe_bin, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
+    if count_packets:
+        # reads every packet: the only duration a piped FLAC/WebM has
+        argv += ["-show_entries", "packet=pts_time,duration_time"]
+    if scheme in HTTP_SCHEMES:
+        input_args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000)),
+                      # probing decodes a frame or two: a huge one fails instead of allocating gigabytes
+                      "-max_pixels", str(MAX_VIDEO_PIXELS)]
+        if count_packets:
+            # front to back in one request: otherwise ffprobe seeks to every fragment of a fragmented
+            # MP4, one HTTP GET each (152 for a 5-minute video)
+            input_args += ["-seekable", "0"]
+        block = header_block(headers or {})
+        if block:
+            input_args += ["-headers", block]
+    elif scheme in ("", "file"):
+        input_args = ["-protocol_whitelist", LOCAL_PROTOCOLS]
+    else:
+        raise JobError(ErrorCode.UNSUPPORTED_URL, f"cannot probe a {scheme!r} URL")
+    if wrap_input is not None:
+        input_args = wrap_input(input_args)
+    return [*argv, *input_args, "-i", url_or_path]
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def failure_code(stderr: str) -> ErrorCode:
+    """The error code for an ffprobe failure, from its stderr: not media → no_media_found, else media_unavailable."""
+    if any(hint in stderr for hint in _NOT_MEDIA_HINTS):
+        return ErrorCode.NO_MEDIA_FOUND
+    return ErrorCode.MEDIA_UNAVAILABLE
+
+
+async def ffprobe(
+    url_or_path: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    count_packets: bool = False,
+    wrap_input: Callable[[list[str]], list[str]] | None = None,
+    env: Mapping[str, str] | None = None,
+    memory_limit: int = 0,
+) -> ProbeResult:
+    """Probe ``url_or_path``; raises JobError (no_media_found, media_unavailable) on failure or timeout.
+
+    A result with no audio or video stream also raises no_media_found. ``wrap_input`` and ``env``
+    route the fetch through the SSRF guard (``guard.input_args``, ``guard.subprocess_env``);
+    ``memory_limit`` caps ffprobe's address space (RLIMIT_AS, ``GGT_CHILD_MEMORY_LIMIT``).
+    """
+    argv = probe_argv(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets,
+                      wrap_input=wrap_input)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env) if env is not None else child_env(os.environ),  # never the actor's own
+        start_new_session=True,  # its own process group, so a kill takes any helper with it
+        preexec_fn=child_preexec(memory_limit=memory_limit),
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        raise JobError(ErrorCode.MEDIA_UNAVAILABLE, f"ffprobe timed out after {timeout:.0f} s") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            # shielded so a cancelled caller still reaps the child
+            await asyncio.shield(proc.wait())
+    # ffprobe names its input in its errors: a presigned URL's query (credential, signature) stays out
+    message = _QUERY.sub("?…", stderr.decode(errors="replace").strip())[-STDERR_KEEP:]
+    if proc.returncode != 0:
+        raise JobError(failure_code(message), f"ffprobe: {message or f'exit status {proc.returncode}'}")
+    try:
+        result = parse_probe_json(stdout)
+    except (msgspec.DecodeError, AttributeError) as exc:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, f"ffprobe output unreadable: {exc}") from None
+    if result.audio is None and result.video is None:
+        raise JobError(ErrorCode.NO_MEDIA_FOUND, "no audio or video stream")
+    return result

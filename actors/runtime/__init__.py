@@ -1,0 +1,1 @@
+"""How any actor runs: the worker loop, the pure settle decision, settings, logs, metrics, local HTTP."""

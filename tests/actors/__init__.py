@@ -1,0 +1,1 @@
+"""The actors' own behaviour on loopback: the converter, re-resolution, the plan boundary."""

@@ -1,0 +1,1 @@
+"""The HTTP gateway: the API, its edges, fuzzing, tenants."""

@@ -1,0 +1,1 @@
+"""The SSRF guard and hostile sources, end to end on loopback."""

@@ -1,0 +1,144 @@
+"""Extraction that can be stopped: a page that drips or weighs 200 MB costs only its own job.
+
+Loopback only. The converter runs with a short job time limit; the hostile pages are served by a
+small aiohttp app on 127.0.0.1 (allow-listed by the test configuration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from messages.errors import ErrorCode, JobError
+from tests.actors import test_converter
+from tests.actors.test_converter import MakeConverter, request
+from tests.fixtures.media import MediaServer
+
+#: the converter tests' fixture: started Converters with the test settings, torn down after
+make_converter = test_converter.make_converter
+#: the job time limit of these tests, seconds
+SHORT_LIMIT = 4.0
+#: size of the huge page
+HUGE_PAGE_BYTES = 200 * 1024 * 1024
+
+
+class HostilePages:
+    """``/drip.html`` sends one byte a second forever; ``/huge.html`` sends 200 MB of HTML fast."""
+
+    def __init__(self) -> None:
+        self.drip_started = asyncio.Event()
+        self.base = ""
+
+    async def drip(self, http_request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/html"})
+        await response.prepare(http_request)
+        self.drip_started.set()
+        while True:  # until the guard closes the connection
+            await response.write(b"<")
+            await asyncio.sleep(1.0)  # the attack's pace, not synchronisation
+
+    async def huge(self, http_request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/html",
+                                               "Content-Length": str(HUGE_PAGE_BYTES)})
+        await response.prepare(http_request)
+        chunk = b"<p>" + b"a" * (1024 * 1024 - 3)
+        for _ in range(HUGE_PAGE_BYTES // len(chunk)):
+            await response.write(chunk)
+        return response
+
+
+@pytest.fixture
+async def pages() -> AsyncIterator[HostilePages]:
+    hostile = HostilePages()
+    app = web.Application()
+    app.router.add_get("/drip.html", hostile.drip)
+    app.router.add_get("/huge.html", hostile.huge)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hostile.base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield hostile
+    finally:
+        await runner.cleanup()
+
+
+def child_pids() -> set[int]:
+    """Running (or unreaped) children of this process."""
+    me = str(os.getpid())
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if stat.rpartition(")")[2].split()[1] == me:
+                found.add(int(entry.name))
+    return found
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def ours(threads: list[threading.Thread]) -> set[str]:
+    """Thread names, without the event loop's own: its resolver pool (getaddrinfo) and its child
+    watchers (one ``asyncio-waitpid-N`` per live child, counted against the children instead)."""
+    return {t.name for t in threads if not t.name.startswith(("asyncio_", "asyncio-waitpid"))}
+
+
+def child_watchers() -> int:
+    """Threads waiting for a child process to exit."""
+    return sum(t.name.startswith("asyncio-waitpid") for t in threading.enumerate())
+
+
+async def test_a_dripping_page_fails_at_its_limit_while_the_next_job_completes_and_leaves_nothing(
+    make_converter: MakeConverter, pages: HostilePages, media_server: MediaServer
+) -> None:
+    converter = await make_converter(job_time_limit=SHORT_LIMIT, prefetch=2)
+    threads_before = ours(threading.enumerate())
+    dripping = asyncio.create_task(converter.plan_for(request(f"{pages.base}/drip.html")))
+    await asyncio.wait_for(pages.drip_started.wait(), 30)
+    [drip_worker] = converter.pool.pids  # the one warm worker is busy with the page
+    plan = await asyncio.wait_for(converter.plan_for(request(media_server.url("audio.mp3"))), 30)
+    assert plan.inputs[0].url == media_server.url("audio.mp3")
+    assert not dripping.done()  # the normal job did not wait for the dripping one's limit
+    with pytest.raises(JobError) as caught:
+        await asyncio.wait_for(dripping, SHORT_LIMIT + 30)
+    assert caught.value.code is ErrorCode.TIMEOUT
+    # no thread, no process of the stopped job: its worker is killed and reaped
+    assert drip_worker not in child_pids()
+    assert child_pids() <= set(converter.pool.pids)
+    assert ours(threading.enumerate()) == threads_before
+    assert child_watchers() <= len(child_pids())
+
+
+async def test_a_200_mb_page_fails_with_a_code_and_memory_stays_bounded(
+    make_converter: MakeConverter, pages: HostilePages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    converter = await make_converter(job_time_limit=60.0)
+    [worker] = converter.pool.pids
+    before_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with pytest.raises(JobError) as caught:
+        await converter.plan_for(request(f"{pages.base}/huge.html"))
+    assert caught.value.code is ErrorCode.TOO_LARGE
+    converter_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mib = peak_rss_mib(worker)
+    with capsys.disabled():
+        print(f"\n[guard] 200 MB page: converter peak RSS {before_mib:.0f} → {converter_mib:.0f} MiB, "
+              f"extraction worker peak RSS {worker_mib:.0f} MiB")
+    # the page budget (16 MiB) stops the read long before 200 MB reach either process
+    assert converter_mib - before_mib < 100
+    assert worker_mib < 300

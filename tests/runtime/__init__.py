@@ -1,0 +1,1 @@
+"""The actor runtime: failure policy, metrics, waiting — on both buses."""

@@ -1,0 +1,1 @@
+"""Storage against S3 and the strict S3 front."""

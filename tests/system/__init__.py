@@ -1,0 +1,1 @@
+"""The system as a whole: pipelines, separate processes, faults, load, the browser, attacks."""

@@ -143,7 +143,10 @@ def watch_file_bytes(client: Any, *, counter: Counter = COORDINATOR_FILE_BYTES) 
     receives: if the coordinator ever relayed file data, this counter would show it.
     """
     def sent(request: Any = None, **_: Any) -> None:
-        if request is not None and CONVERTED_PATH in str(getattr(request, "url", "")):
+        # a file's bytes leave in a PUT (PutObject, UploadPart); a POST to the key carries only the
+        # multipart control XML (create, complete: the part ETags), which is not file data
+        if (request is not None and getattr(request, "method", "") == "PUT"
+                and CONVERTED_PATH in str(getattr(request, "url", ""))):
             body = getattr(request, "body", None)
             length = (getattr(request, "headers", None) or {}).get("Content-Length")
             size = int(length) if length else len(body) if isinstance(body, bytes | bytearray) else 0

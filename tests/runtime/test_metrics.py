@@ -104,7 +104,15 @@ async def test_the_coordinator_byte_counter_measures_file_bytes_through_a_watche
     async with response["Body"] as body:
         await body.read()
     await storage.client.put_object(Bucket=storage.bucket, Key="jobs/not-a-file.json", Body=b"{}")
-    assert registry.get_sample_value("ggt_coordinator_file_bytes_total", {"direction": "sent"}) == len(data)
+    # a multipart upload: the part's bytes count, the create and complete requests' XML does not
+    key, part = "converted/2024/01/01/parts.mp3", b"y" * 1_000
+    upload = await storage.client.create_multipart_upload(Bucket=storage.bucket, Key=key)
+    answer = await storage.client.upload_part(Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"],
+                                              PartNumber=1, Body=part)
+    await storage.client.complete_multipart_upload(
+        Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": answer["ETag"]}]})
+    assert registry.get_sample_value("ggt_coordinator_file_bytes_total", {"direction": "sent"}) == len(data) + len(part)
     assert registry.get_sample_value("ggt_coordinator_file_bytes_total", {"direction": "received"}) == len(data)
 
 

@@ -12,8 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from urllib.parse import unquote, urlsplit
+from datetime import UTC, datetime
 
 import aiohttp
 import msgspec
@@ -26,6 +25,7 @@ from actors.core.freshness import may_reresolve, plan_expired, refreshed_plan
 from actors.core.plain import require_http_url
 from actors.core.plan import source_budget
 from actors.core.stages import MonotonicProgress, check_output_duration, converting_fraction
+from actors.core.target import stale_target, target_problem
 from actors.guard import FetchGuard, check_url
 from actors.guard.extract import FEEDER_LEVERS_VARIABLE, ExtractorPool, WorkerLevers, extracted_info
 from actors.guard.proxy import PAGE_BUDGET
@@ -42,9 +42,7 @@ from messages.types import (
     Stage,
     Streamed,
     StreamToStorage,
-    UploadTarget,
 )
-from storage.keys import CONVERTED_PREFIX
 
 #: at most this many progress events per second per job
 PROGRESS_PER_SECOND = 2.0
@@ -54,53 +52,6 @@ CONNECTIONS_PER_HOST = 16
 
 #: redirects the thumbnail fetch may follow (each hop goes through the guard)
 THUMBNAIL_REDIRECTS = 3
-#: default port of each scheme, for comparing an upload URL with the storage endpoint
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) URL, lower-cased, or None for anything else."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
-        return None
-    return scheme, parts.hostname.lower(), port or DEFAULT_PORTS[scheme]
-
-
-def upload_url_allowed(url: str, settings: Settings, *, key: str) -> bool:
-    """Whether ``url`` addresses object ``key`` under the converted-files prefix in the configured
-    bucket on the configured endpoint (``GGT_S3_ENDPOINT``, path-style or virtual-hosted): the only
-    place an uploader may send bytes (or an abort) to."""
-    endpoint = _origin(settings.s3_endpoint) if settings.s3_endpoint else None
-    target = _origin(url)
-    if endpoint is None or target is None or not key.startswith(CONVERTED_PREFIX) or ".." in key.split("/"):
-        return False
-    scheme, host, port = endpoint
-    base = urlsplit(settings.s3_endpoint).path.rstrip("/")
-    path = unquote(urlsplit(url).path)
-    if settings.s3_path_style:
-        return target == endpoint and path == f"{base}/{settings.s3_bucket}/{key}"
-    return target == (scheme, f"{settings.s3_bucket}.{host}", port) and path == f"{base}/{key}"
-
-
-def target_problem(target: UploadTarget, settings: Settings) -> JobError | None:
-    """``forbidden_destination`` when any URL of ``target`` (put, parts, abort) is not for this
-    service's storage (``upload_url_allowed``), else None."""
-    urls = [target.put_url]
-    if target.multipart is not None:
-        urls += [*target.multipart.part_urls, target.multipart.abort_url]
-    for index, url in enumerate(urls):
-        if not upload_url_allowed(url, settings, key=target.key):
-            # the URL itself stays out of the detail: it may carry a signature
-            return JobError(ErrorCode.FORBIDDEN_DESTINATION,
-                            f"upload URL #{index} does not address {target.key!r} in the configured bucket")
-    return None
-
-
 def check_plan_urls(plan: MediaPlan, settings: Settings) -> None:
     """Every URL of the plan checked again where it is used: http(s) only, no credentials, no
     forbidden literal host (``check_url``); raises ``JobError(URL_NOT_ALLOWED)``."""
@@ -177,18 +128,6 @@ def keep_for_retry(error: BaseException, *, attempt: int, max_attempts: int) -> 
     if isinstance(error, asyncio.CancelledError):
         return True
     return isinstance(error, JobError) and error.retryable and attempt < max_attempts
-
-
-def stale_target(message: StreamToStorage, *, replays: int, now: datetime) -> str:
-    """Why the command's upload URLs cannot be used (empty when they can): a replayed copy whose
-    upload may have been aborted meanwhile, or URLs that expire before the step could finish."""
-    if replays > message.renewals:
-        return f"replayed command (replay {replays}): the upload it names may be gone"
-    if message.target.expires_at:
-        expires = datetime.fromisoformat(message.target.expires_at)
-        if expires < now + timedelta(seconds=message.time_limit):
-            return f"upload URLs expire at {message.target.expires_at}, before the step could finish"
-    return ""
 
 
 async def source_complete(ff: FfmpegProcess, plan: MediaPlan, guard: FetchGuard) -> None:

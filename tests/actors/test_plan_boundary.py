@@ -25,7 +25,8 @@ from actors.core.ffmpeg_args import ImageDemuxer as Demuxer
 from actors.core.ffmpeg_args import cover_demuxer, ffmpeg_argv
 from actors.core.plan import Limits, plan_media
 from actors.core.source import SourceInfo, SourceInput
-from actors.uploader import Uploader, check_plan_urls, feeder_argv, upload_url_allowed
+from actors.core.target import upload_url_allowed
+from actors.uploader import Uploader, check_plan_urls, feeder_argv
 from bus.memory import MemoryBus
 from messages.errors import ErrorCode, JobError
 from messages.types import (
@@ -457,9 +458,9 @@ async def test_a_store_that_does_not_answer_is_no_verdict_but_a_retried_storage_
 
 async def test_a_job_failing_verification_on_its_media_is_announced_not_retryable(
         pipeline, media_server, monkeypatch):
-    import actors.verifier
+    import actors.core.verdict
 
-    monkeypatch.setattr(actors.verifier, "duration_ok", lambda measured, expected: False)
+    monkeypatch.setattr(actors.core.verdict, "duration_ok", lambda measured, expected: False)
     final = await pipeline.run(ConvertRequested(url=media_server.url("audio.mp3"), format="mp3"))
     assert isinstance(final, JobFailed) and final.error.code is ErrorCode.VERIFICATION_FAILED, final
     assert final.error.retryable is False

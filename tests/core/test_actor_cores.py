@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from actors.core.jobs import enter, job_id_for, may_advance, new_record, timings
 from actors.core.probe import ProbeResult, ProbeStream
+from actors.core.verdict import duration_ok, media_problems, object_problems
 from actors.uploader import feeder_argv
-from actors.verifier import duration_ok, media_problems, object_problems
 from messages.errors import Error, ErrorCode
 from messages.types import ConvertRequested, InputVia, MediaInput, MediaPlan, Stage, VerifyObject
 from storage import ObjectInfo
@@ -121,7 +121,7 @@ def test_object_keys_are_unguessable_even_for_client_chosen_job_ids():
 
 
 def test_a_replayed_or_expiring_stream_command_is_stale():
-    from actors.uploader import stale_target
+    from actors.core.target import stale_target
     from messages.types import StreamToStorage, UploadTarget
 
     plan = MediaPlan(inputs=[MediaInput(url="https://e.com/a.mp4")],

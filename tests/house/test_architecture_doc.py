@@ -84,3 +84,16 @@ def test_a_renamed_symbol_or_a_moved_file_is_reported() -> None:
     assert missing(references) == ["actors/runtime/settle.py: no_such_function", "actors/no_such_module.py",
                                    "actors/runtime/worker.py: Worker.nothing",
                                    "actors/adapters/upload.py: multipart_etag (defined in storage.keys)"]
+
+
+def test_every_path_and_symbol_named_anywhere_in_the_document_exists() -> None:
+    """The house tree and the job's path through the code drift as easily as the table."""
+    references, fenced = [], False
+    for line in DOC.read_text().splitlines():
+        fenced ^= line.startswith("```")
+        for ticked in [] if fenced or line.startswith("```") else TICKED.findall(line):
+            match = PATH_SYMBOL.match(ticked.strip())
+            if match and "/" in match["path"]:
+                references.append((match["path"], match["symbol"] or ""))
+    assert len(references) >= 60
+    assert missing(references) == []

@@ -38,7 +38,7 @@ from actors.guard.children import child_env
 from actors.guard.egress import Egress
 from actors.guard.manifests import BodyKind, ManifestRefused, rewrite_hls, sniff_body
 from actors.guard.ranges import RangedRelay, Span, chunk_range, parse_range, range_chunk_in
-from actors.guard.urls import SAFE_REFUSAL
+from actors.guard.urls import SAFE_REFUSAL, connect_host
 from messages.errors import ErrorCode, JobError
 from messages.types import HTTP_SCHEMES
 
@@ -543,9 +543,9 @@ class FetchGuard:
         assert self._session is not None
         for _hop in range(MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
-            host = parts.hostname or ""
+            host = connect_host(url)
             if parts.scheme.lower() not in HTTP_SCHEMES or not host:
-                self._refuse(host, "", f"scheme {parts.scheme!r} in a redirect or input")
+                self._refuse(parts.hostname or "", "", f"scheme {parts.scheme!r} or host in a redirect or input")
                 raise _Refusal(403, SAFE_REFUSAL, blocked=True)
             if _is_ip_literal(host):  # aiohttp connects to literals without asking the resolver
                 await self._vet(host, parts.port or (443 if parts.scheme.lower() == "https" else 80))

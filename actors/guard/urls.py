@@ -11,6 +11,8 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import yarl
+
 from actors.guard.addresses import (
     IPNetwork,
     denial_reason,
@@ -55,9 +57,24 @@ def check_url(url: str, *, allow: Iterable[str | IPNetwork] = (), deny: Iterable
     if port == 0:
         raise JobError(ErrorCode.URL_NOT_ALLOWED, "port 0 is not allowed")
     # "127.0.0.1." names the same host to most resolvers; judge it as the literal
-    literal = parse_host_literal(host.removesuffix("."))
-    if literal is not None and denial_reason(literal, allow=networks, deny=denied) is not None:
-        raise JobError(ErrorCode.URL_NOT_ALLOWED, SAFE_REFUSAL)
+    # and judged as the client will spell it: ``１２７.０.０.２`` or ``127.0.0.²`` normalise to 127.0.0.2
+    for spelling in {host, connect_host(url)}:
+        literal = parse_host_literal(spelling.removesuffix("."))
+        if literal is not None and denial_reason(literal, allow=networks, deny=denied) is not None:
+            raise JobError(ErrorCode.URL_NOT_ALLOWED, SAFE_REFUSAL)
+
+
+def connect_host(url: str) -> str:
+    """The host aiohttp will connect to for ``url`` ("" when it has none or cannot be read).
+
+    Not urllib's ``hostname``: yarl normalises a host (IDNA, NFKC), so ``１２７.０.０.２``, ``127。0。0。2``
+    or ``127.0.0.²`` reach aiohttp as the literal ``127.0.0.2`` — which aiohttp connects to without
+    asking the vetting resolver. The guard decides on this spelling, the one that is used.
+    """
+    try:
+        return yarl.URL(url).raw_host or ""
+    except (ValueError, UnicodeError):
+        return ""
 
 
 #: the keys of a yt-dlp format (or info dict) that name something a downloader fetches

@@ -561,3 +561,86 @@ async def test_the_jobs_deadline_closes_a_live_tunnel_and_fails_the_job_with_tim
             writer.close()
         error = guard.blocked_error()
     assert error is not None and error.code is ErrorCode.TIMEOUT
+
+
+# --- a forbidden address spelled so that only the client's normalisation reveals it
+
+#: 127.0.0.2 as yarl (and so aiohttp) reads them: fullwidth digits, ideographic full stops, circled
+#: digits, a superscript two (a playlist is read as latin-1, where ``²`` is one byte)
+UNICODE_SPELLINGS = ["１２７.０.０.２", "127。0。0。2", "①②⑦.0.0.2", "127.0.0.\u00b2"]
+
+
+async def gateway_get(url: str) -> tuple[int, bytes]:
+    """GET a gateway URL as ffmpeg does: plain HTTP to the guard's loopback door."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.read()
+
+
+@pytest.mark.parametrize("spelling", UNICODE_SPELLINGS)
+async def test_a_gateway_input_spelling_a_forbidden_address_in_unicode_digits_is_refused(
+        guard: FetchGuard, forbidden: Origin, spelling: str) -> None:
+    status, body = await gateway_get(guard.gateway_url(f"http://{spelling}:{forbidden.port}/media/tone.mp3"))
+    assert status == 403 and b"not allowed" in body
+    assert forbidden.hits == []
+    assert [b.ip for b in guard.blocked] == [FORBIDDEN_HOST]
+
+
+async def test_a_redirect_to_a_unicode_spelled_forbidden_address_is_refused(
+        serve: Serve, guard: FetchGuard, forbidden: Origin) -> None:
+    # the allowed origin answers with a UTF-8 Location, as any hostile page may
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        location = f"http://１２７.０.０.２:{forbidden.port}/media/tone.mp3".encode()
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: " + location + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(hostile, ALLOWED_HOST, 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        status, _ = await gateway_get(guard.gateway_url(f"http://{ALLOWED_HOST}:{port}/song.mp3"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert status == 403
+    assert forbidden.hits == []
+    with pytest.raises(JobError) as refused:
+        guard.raise_if_blocked()
+    assert refused.value.code is ErrorCode.URL_NOT_ALLOWED
+
+
+async def test_hls_segments_and_keys_on_a_latin1_superscript_spelling_are_refused(
+        serve: Serve, guard: FetchGuard, forbidden: Origin) -> None:
+    port = forbidden.port
+    playlist = (f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n"
+                f"#EXT-X-KEY:METHOD=AES-128,URI=\"http://127.0.0.\u00b2:{port}/media/key\"\n"
+                f"#EXTINF:1,\nhttp://127.0.0.\u00b2:{port}/media/seg0.ts\n#EXT-X-ENDLIST\n")
+
+    async def hls(_: web.Request) -> web.Response:
+        return web.Response(body=playlist.encode("latin-1"), content_type="application/vnd.apple.mpegurl")
+
+    app = web.Application()
+    app.router.add_get("/list.m3u8", hls)
+    base = await serve(app, ALLOWED_HOST)
+    status, body = await gateway_get(guard.gateway_url(f"{base}/list.m3u8"))
+    if status == 200:  # rewritten to gateway URLs: what ffmpeg fetches next must be refused too
+        text = body.decode("latin-1")
+        urls = [line.split('URI="')[1].rstrip('"') if "URI=" in line else line
+                for line in text.splitlines() if "/via/" in line]
+        assert len(urls) == 2
+        assert [(await gateway_get(url))[0] for url in urls] == [403, 403]
+    else:
+        assert status == 403
+    assert forbidden.hits == []
+    assert guard.blocked
+
+
+def test_the_pre_flight_check_reads_the_host_as_the_client_will() -> None:
+    from actors.guard.urls import check_url
+
+    for spelling in [*UNICODE_SPELLINGS, "169.\u00b254.169.\u00b254"]:
+        with pytest.raises(JobError) as refused:
+            check_url(f"http://{spelling}/x", allow=TEST_ALLOW)
+        assert refused.value.code is ErrorCode.URL_NOT_ALLOWED, spelling
+    check_url("http://xn--mnchen-3ya.de/", allow=TEST_ALLOW)
+    check_url("http://münchen.de/", allow=TEST_ALLOW)  # an IDN name is a name, judged when it resolves

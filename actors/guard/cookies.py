@@ -91,11 +91,19 @@ def strip_cookie_string(cookies: str, names: frozenset[str]) -> str:
 
 def strip_from_info(info: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
     """``info`` (yt-dlp's sanitised dict, changed in place) with the operator's cookies removed from
-    every format's ``cookies`` and ``Cookie`` header; the site's own cookies stay."""
+    every format's ``cookies`` and ``Cookie`` header — of the result and of every playlist entry,
+    nested ones included (yt-dlp fills each entry's formats too); the site's own cookies stay."""
     if not names:
         return info
-    entries = [info, *(info.get("formats") or ()), *(info.get("requested_formats") or ()),
-               *(info.get("thumbnails") or ())]
+    entries: list[Any] = []
+    results: list[Any] = [info]
+    while results:
+        result = results.pop()
+        if not isinstance(result, dict):
+            continue
+        entries += [result, *_items(result, "formats"), *_items(result, "requested_formats"),
+                    *_items(result, "thumbnails")]
+        results += _items(result, "entries")
     for entry in entries:
         if not isinstance(entry, dict):
             continue
@@ -113,6 +121,11 @@ def strip_from_info(info: dict[str, Any], names: frozenset[str]) -> dict[str, An
                 else:
                     del headers[name]
     return info
+
+
+def _items(result: dict[str, Any], key: str) -> list[Any]:
+    value = result.get(key)
+    return list(value) if isinstance(value, list | tuple) else []
 
 
 class GatewayCookies(aiohttp.DummyCookieJar):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yt_dlp
 from aiohttp import web
 
 from actors.adapters.levers import Levers, LeversInvalid, lever_problems
@@ -388,3 +389,33 @@ def test_the_operators_cookies_are_stripped_from_the_info_by_name_and_the_sites_
     assert stripped["formats"][0]["cookies"] == "lang=en; Domain=.media.test"
     assert stripped["formats"][0]["http_headers"] == {"Cookie": "lang=en"}
     assert "cookies" not in stripped
+
+
+def test_the_operators_cookies_are_stripped_from_every_playlist_entry_too():
+    """yt-dlp fills the operator's cookies into each entry's formats; a request with allow_playlist
+    plans from the first entry, so a cookie left there would travel in MediaResolved."""
+    import http.cookiejar
+
+    from actors.core.ytdlp_info import request_headers, single_entry
+    from actors.guard.cookies import cookie_names, strip_from_info
+
+    secret = "OPERATOR-SESSION-SECRET"
+    cookie = http.cookiejar.Cookie(
+        version=0, name="SID", value=secret, port=None, port_specified=False, domain=".media.test",
+        domain_specified=True, domain_initial_dot=True, path="/", path_specified=True, secure=True,
+        expires=4102444800, discard=False, comment=None, comment_url=None, rest={})
+    video = {"id": "v1", "title": "v1", "extractor": "generic", "extractor_key": "Generic",
+             "webpage_url": "https://media.test/v1",
+             "formats": [{"format_id": "f", "url": "https://media.test/v1.mp4", "ext": "mp4"}]}
+    nested = {"_type": "playlist", "id": "inner", "title": "inner", "extractor": "generic",
+              "extractor_key": "Generic", "webpage_url": "https://media.test/inner", "entries": [video]}
+    playlist = {**nested, "id": "outer", "entries": [dict(video), nested]}
+    with yt_dlp.YoutubeDL({"quiet": True, "no_warnings": True, "simulate": True}) as ydl:
+        ydl.cookiejar.set_cookie(cookie)
+        info = ydl.sanitize_info(ydl.process_ie_result(playlist, download=False))
+        names = cookie_names(ydl.cookiejar)
+    assert secret in str(info), "yt-dlp put the cookie into the entries (else this test proves nothing)"
+    cleaned = strip_from_info(info, names)
+    assert secret not in str(cleaned)
+    entry = single_entry(cleaned, allow_playlist=True)
+    assert "Cookie" not in request_headers(entry["formats"][0])

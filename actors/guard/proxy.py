@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple, Self
 
 import aiohttp
+import yarl
 from aiohttp.abc import AbstractCookieJar, AbstractResolver, ResolveResult
 
 from actors.guard.addresses import IPAddress, denial_reason, parse_networks
@@ -87,6 +88,9 @@ RELAYED_HEADERS = ("content-type", "content-length", "content-range", "accept-ra
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: statuses of a media fetch meaning "this URL is no longer yours" (expired, bound to another address)
 REFUSED_STATUSES = frozenset({403, 410})
+#: request headers that hold credentials for one origin: dropped when a redirect leaves it (as browsers
+#: drop Authorization; a plan's Cookie header was computed for the input's site)
+ORIGIN_BOUND_HEADERS = frozenset({"cookie", "authorization"})
 #: request headers meant for the proxy or for one connection, never forwarded upstream
 HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te"})
 
@@ -504,11 +508,14 @@ class FetchGuard:
         if span is not None:  # a throttled origin: the first of successive Range requests (actors.guard.ranges)
             headers = {k: v for k, v in headers.items() if k.lower() != "range"}
             headers["Range"] = chunk_range(span.first, chunk=chunk, span=span, total=None)
+        asked_origin = _origin_of(url)
         try:
             response, url = await self._fetch(request.method, url, headers)
         except _Refusal as refusal:
             await _answer(writer, refusal.status, refusal.reason, blocked=refusal.blocked)
             return
+        if _origin_of(url) != asked_origin:  # the next Range requests go to the redirect's target
+            headers = _without_credentials(headers)
         async with response:
             if request.method == "HEAD":
                 await _write_head(writer, response, length=None)
@@ -563,7 +570,10 @@ class FetchGuard:
                     self.refused.append(response.status)
                 return response, url
             response.release()
+            origin = _origin_of(url)
             url = urllib.parse.urljoin(url, location)
+            if _origin_of(url) != origin:  # credentials are for the origin they were given for
+                headers = _without_credentials(headers)
             if response.status == 303:
                 method = "GET"
         raise _Refusal(502, "too many redirects")
@@ -684,6 +694,16 @@ class _VettingResolver(AbstractResolver):
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in ORIGIN_BOUND_HEADERS}
+
+
+def _origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) as the connection will use them, for comparing two hops."""
+    parsed = yarl.URL(url)
+    return parsed.scheme, parsed.raw_host or "", parsed.port
 
 
 def _is_ip_literal(host: str) -> bool:

@@ -644,3 +644,38 @@ def test_the_pre_flight_check_reads_the_host_as_the_client_will() -> None:
         assert refused.value.code is ErrorCode.URL_NOT_ALLOWED, spelling
     check_url("http://xn--mnchen-3ya.de/", allow=TEST_ALLOW)
     check_url("http://münchen.de/", allow=TEST_ALLOW)  # an IDN name is a name, judged when it resolves
+
+
+async def test_a_redirect_to_another_origin_carries_no_cookie_or_authorization(serve: Serve) -> None:
+    # both origins are allow-listed loopback addresses: only the headers are in question here
+    seen: dict[str, list[tuple[str | None, str | None]]] = {"same": [], "other": []}
+
+    def recorder(where: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            seen[where].append((request.headers.get("Cookie"), request.headers.get("Authorization")))
+            return web.Response(body=b"\x00" * 64, content_type="application/octet-stream")
+        return handler
+
+    other = web.Application()
+    other.router.add_get("/x", recorder("other"))
+    other_base = await serve(other, "127.0.0.3")
+
+    async def away(_: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{other_base}/x")
+
+    async def home(_: web.Request) -> web.Response:
+        raise web.HTTPFound("/here")
+
+    first = web.Application()
+    first.router.add_get("/away.mp4", away)
+    first.router.add_get("/home.mp4", home)
+    first.router.add_get("/here", recorder("same"))
+    base = await serve(first, ALLOWED_HOST)
+    secret = {"Cookie": "SID=site-session", "Authorization": "Bearer site-token"}
+    async with FetchGuard(allow=[*TEST_ALLOW, "127.0.0.3/32"]) as guard, aiohttp.ClientSession() as session:
+        for path in ("/home.mp4", "/away.mp4"):
+            async with session.get(guard.gateway_url(f"{base}{path}"), headers=secret) as response:
+                assert response.status == 200
+                await response.read()
+    assert seen["same"] == [("SID=site-session", "Bearer site-token")]  # a same-origin hop keeps them
+    assert seen["other"] == [(None, None)]

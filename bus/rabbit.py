@@ -51,6 +51,7 @@ from messages.codec import (
     H_ORIGIN_EXCHANGE,
     H_ORIGIN_ROUTING_KEY,
     H_SCHEMA,
+    SCHEMA_VERSION,
     Envelope,
     header_time,
     now,
@@ -204,7 +205,7 @@ class RabbitDelivery(Delivery):
                             *, expiration: float | None = None) -> None:
         envelope = Envelope(
             message_id=self.envelope.message_id, job_id=self.envelope.job_id, type=self.envelope.type,
-            schema=self.envelope.schema or "1.0", created_at=self.envelope.created_at, headers=headers,
+            schema=self.envelope.schema or SCHEMA_VERSION, created_at=self.envelope.created_at, headers=headers,
         )
         await self._bus.publish_raw(exchange=exchange, routing_key=routing_key, body=self.body,
                                     envelope=envelope, reply_to=self.reply_to, expiration=expiration)
@@ -305,7 +306,7 @@ class RabbitBus(Bus):
 
     async def publish_raw(self, *, exchange: str, routing_key: str, body: bytes, envelope: Envelope,
                           reply_to: str | None = None, expiration: float | None = None) -> None:
-        headers: dict[str, Any] = {H_SCHEMA: envelope.schema or "1.0", **envelope.headers}
+        headers: dict[str, Any] = {H_SCHEMA: envelope.schema or SCHEMA_VERSION, **envelope.headers}
         # the AMQP properties built directly (aio-pika's Message costs a third of a publish's CPU)
         properties = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE,

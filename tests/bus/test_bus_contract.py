@@ -304,3 +304,26 @@ async def test_events_are_routed_by_their_owner(bus: Bus) -> None:
         assert env.job_id == "job-owned-2" and env.owner == "other"
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(anext(acme), 0.3)
+
+
+async def test_a_request_published_without_a_schema_header_keeps_a_valid_mac_through_its_retry(
+        rabbit_bus: Bus, amqp_url: str) -> None:
+    # ggt-schema is optional for an integrator (docs/MESSAGES.md): publish as one, with a bare client
+    import aio_pika
+
+    request = ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3", job_id="job-no-schema")
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(REQUESTS_EXCHANGE)
+        await exchange.publish(aio_pika.Message(encode(request), content_type="application/json"),
+                               routing_key="convert.acme")
+    async with receiving(rabbit_bus, "coordinator") as got:
+        first = await next_delivery(got)
+        assert first.authenticated and first.envelope.owner == "acme"
+        await first.retry(actor="coordinator", delay=0.05, error=Error.of(ErrorCode.STORAGE_UNAVAILABLE))
+        second = await next_delivery(got)
+        assert second.envelope.attempt == 2
+        assert second.authenticated, "the retry copy's MAC covers the schema it is published with"
+        assert second.envelope.owner == "acme"
+        await second.ack()

@@ -43,10 +43,13 @@ def url_expiry(url: str, *, now: datetime) -> datetime | None:
     found: datetime | None = None
     for name in EXPIRY_PARAMETERS:
         value = query.get(name, "")
-        if value.isdigit() and len(value) <= 12:
-            found = datetime.fromtimestamp(int(value), UTC)
+        if _unix_digits(value) and len(value) <= 12:
+            try:
+                found = datetime.fromtimestamp(int(value), UTC)
+            except (OverflowError, OSError, ValueError):  # past year 9999: nonsense, says nothing
+                return None
             break
-    if found is None and query.get("X-Amz-Expires", "").isdigit():
+    if found is None and _unix_digits(query.get("X-Amz-Expires", "")):
         try:
             signed = datetime.strptime(query.get("X-Amz-Date", ""), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         except ValueError:
@@ -55,6 +58,11 @@ def url_expiry(url: str, *, now: datetime) -> datetime | None:
     if found is None or found > now + MAX_EXPIRY:
         return None
     return found
+
+
+def _unix_digits(value: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also says yes to ``²`` and ``١``, which ``int`` then refuses or reads."""
+    return value.isascii() and value.isdigit()
 
 
 def earliest_expiry(urls: Iterable[str], *, now: datetime) -> datetime | None:

@@ -71,6 +71,13 @@ def test_a_url_says_when_it_expires_the_way_youtube_cloudfront_and_s3_say_it() -
     assert earliest_expiry([googlevideo, s3, "https://example.com/x"], now=NOW) == NOW + timedelta(hours=1)
 
 
+def test_a_hostile_expiry_says_nothing_instead_of_failing_the_resolve() -> None:
+    # past year 9999, digits that are digits only to str.isdigit (a superscript, Arabic-Indic)
+    for hostile in ("expire=999999999999", "expire=\u00b2", "Expires=\u0661\u0662\u0663",
+                    "X-Amz-Date=20261202T060000Z&X-Amz-Expires=\u00b2"):
+        assert url_expiry(f"https://example.com/a.mp4?{hostile}", now=NOW) is None, hostile
+
+
 def test_the_range_size_comes_from_the_formats_downloader_options_and_is_bounded() -> None:
     assert range_chunk_of({"downloader_options": {"http_chunk_size": 10 << 20}}) == 10 << 20  # YouTube's
     assert range_chunk_of({"downloader_options": {"http_chunk_size": 1}}) == MIN_RANGE_CHUNK

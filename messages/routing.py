@@ -103,6 +103,16 @@ def is_tenant(name: str) -> bool:
     return TENANT_RE.fullmatch(name) is not None
 
 
+#: the tenant a bare API key gets: this prefix + the first 8 hex of the token's sha256
+BARE_KEY_TENANT_PREFIX = "key-"
+
+
+def reserved_tenant(name: str) -> bool:
+    """Whether ``name`` is a tenant the service assigns itself — the default one (the CLI, a gateway
+    without tenants) or a bare key's — which no integrator or named API key may be given."""
+    return name == DEFAULT_TENANT or name.startswith(BARE_KEY_TENANT_PREFIX)
+
+
 def request_routing_key(owner: str = "") -> str:
     """``convert.<tenant>`` on ggt.requests; an empty owner is the default tenant."""
     return f"convert.{owner or DEFAULT_TENANT}"

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 
-from messages.routing import EVENTS_EXCHANGE, REQUESTS_EXCHANGE, is_tenant
+from messages.routing import EVENTS_EXCHANGE, REQUESTS_EXCHANGE, is_tenant, reserved_tenant
 
 #: the broker user of the service's own processes
 SERVICE_USER = "ggt-service"
@@ -54,6 +54,8 @@ def integrator_commands(tenant: str, *, vhost: str = "/", user: str | None = Non
     """
     if not is_tenant(tenant):
         raise ValueError(f"not a tenant id: {tenant!r} (lowercase letters, digits, _ and -, at most 32)")
+    if reserved_tenant(tenant):
+        raise ValueError(f"tenant {tenant!r} is reserved: the default tenant and key-* are the service's own")
     name = user or integrator_user(tenant)
     own = re.escape(integrator_queue_prefix(tenant))
     return [

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import re
 import time
 
 import msgspec
@@ -25,7 +24,7 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from actors.gateway.errors import ApiError, HttpCode
-from messages.routing import DEFAULT_TENANT
+from messages.routing import BARE_KEY_TENANT_PREFIX, DEFAULT_TENANT, is_tenant, reserved_tenant
 
 #: path prefixes that need no key
 PUBLIC_PREFIXES = ("/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/formats", "/file-flow-demo",
@@ -37,7 +36,6 @@ TOKEN_PARAM = "access_token"
 #: where a request's tenant is kept once its key is checked
 TENANT = web.RequestKey("tenant", str)
 #: same shape as messages.types.TenantId
-TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 #: shortest token accepted (a guessable key is no key)
 MIN_TOKEN_CHARS = 16
 
@@ -51,7 +49,7 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
 
 def bare_key_tenant(token: str) -> str:
     """The tenant of a token configured without one: ``key-`` + the first 8 hex of its sha256."""
-    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+    return BARE_KEY_TENANT_PREFIX + hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
@@ -67,8 +65,11 @@ def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
             raise ValueError(f"GGT_API_KEYS entry {number} has a blank token (or one with spaces)")
         if len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"GGT_API_KEYS entry {number}: a token needs at least {MIN_TOKEN_CHARS} characters")
+        if reserved_tenant(tenant.strip()):
+            raise ValueError(f"GGT_API_KEYS entry {number}: tenant {tenant.strip()!r} is reserved (the default "
+                             f"tenant and {BARE_KEY_TENANT_PREFIX}* are the service's own)")
         tenant = tenant.strip() or bare_key_tenant(token)
-        if not TENANT_RE.fullmatch(tenant):
+        if not is_tenant(tenant):
             raise ValueError(f"GGT_API_KEYS entry {number}: tenant {tenant!r} is not [a-z0-9][a-z0-9_-]{{0,31}}")
         if any(k.token == token for k in keys):
             raise ValueError(f"GGT_API_KEYS entry {number} repeats a token")

@@ -117,6 +117,9 @@ def test_the_integrator_lines_grant_its_own_queues_requests_and_its_events_only(
     ]
     with pytest.raises(ValueError):
         integrator_commands("Acme.*", password="pw")
+    for reserved in ("default", "key-0123abcd"):  # the CLI's tenant and a bare API key's are the service's
+        with pytest.raises(ValueError, match="reserved"):
+            integrator_commands(reserved, password="pw")
     assert service_commands(password="pw")[1][-3:] == [r"^(ggt\..*|amq\..*)$"] * 3
 
 

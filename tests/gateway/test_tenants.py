@@ -67,6 +67,9 @@ def test_keys_name_their_tenants_and_a_bare_token_gets_a_stable_name_that_hides_
     (("alice:short",), "at least 16"),
     (("Alice!:" + ALICE_TOKEN,), "is not"),
     ((f"alice:{ALICE_TOKEN}", f"bob:{ALICE_TOKEN}"), "repeats a token"),
+    # the service's own tenants: a named key taking one would share the CLI's or a bare key's jobs
+    ((f"default:{ALICE_TOKEN}",), "reserved"),
+    ((f"{bare_key_tenant(BOB_TOKEN)}:{ALICE_TOKEN}", BOB_TOKEN), "reserved"),
 ])
 def test_blank_short_badly_named_or_repeated_keys_are_refused_without_echoing_the_token(entries, problem):
     with pytest.raises(ValueError, match=problem) as caught:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -19,8 +20,11 @@ import msgspec
 
 from bus.auth import BusKeys, signed, verify
 from messages.codec import (
+    DEAD_LETTER_KEEP_BYTES,
     H_ACTOR,
     H_ATTEMPT,
+    H_BODY_BYTES,
+    H_BODY_SHA256,
     H_DEAD_LETTERED_AT,
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
@@ -30,6 +34,7 @@ from messages.codec import (
     H_ORIGIN_ROUTING_KEY,
     H_OWNER,
     H_RETRY_DELAY_MS,
+    MAX_BODY_BYTES,
     Envelope,
     encode,
     envelope_for,
@@ -124,8 +129,9 @@ class Delivery(abc.ABC):
 
     @abc.abstractmethod
     async def _publish_copy(self, exchange: str, routing_key: str, headers: dict[str, str | int],
-                            *, expiration: float | None = None) -> None:
-        """Publish a copy of this message (same body, id and job) with ``headers``, confirmed."""
+                            *, expiration: float | None = None, body: bytes | None = None) -> None:
+        """Publish a copy of this message (same body — or ``body`` when given —, id and job) with
+        ``headers``, confirmed."""
 
     def origin(self) -> tuple[str, str]:
         """Where the broker delivered this message from: (exchange, routing key) — never a header."""
@@ -146,7 +152,13 @@ class Delivery(abc.ABC):
 
         headers = self._failure_headers(actor, error)
         headers[H_DEAD_LETTERED_AT] = now().isoformat()
-        await self._publish_copy(DEAD_LETTER_EXCHANGE, actor, headers)
+        body = self.body
+        if len(body) > MAX_BODY_BYTES:  # undecodable whatever happens: keep its head and its fingerprint
+            headers.pop(H_MAC, None)
+            headers[H_BODY_BYTES] = len(body)
+            headers[H_BODY_SHA256] = hashlib.sha256(body).hexdigest()
+            body = body[:DEAD_LETTER_KEEP_BYTES]
+        await self._publish_copy(DEAD_LETTER_EXCHANGE, actor, headers, body=body)
         await self.ack()
 
     def _failure_headers(self, actor: str, error: Error) -> dict[str, str | int]:

@@ -100,10 +100,10 @@ class MemoryDelivery(Delivery):
         self._bus._requeue_or_dead_letter(self._queue, self._stored)
 
     async def _publish_copy(self, exchange: str, routing_key: str, headers: dict[str, str | int],
-                            *, expiration: float | None = None) -> None:
+                            *, expiration: float | None = None, body: bytes | None = None) -> None:
         envelope = msgspec.structs.replace(self.envelope, headers=headers)
-        copy = _Stored(body=self.body, envelope=envelope, exchange=exchange, routing_key=routing_key,
-                       reply_to=self.reply_to)
+        copy = _Stored(body=self.body if body is None else body, envelope=envelope, exchange=exchange,
+                       routing_key=routing_key, reply_to=self.reply_to)
         if exchange.startswith("ggt.retry."):
             self._bus._delay(copy, expiration or 0.0)
         else:

@@ -202,12 +202,13 @@ class RabbitDelivery(Delivery):
         await self._message.nack(requeue=True)
 
     async def _publish_copy(self, exchange: str, routing_key: str, headers: dict[str, str | int],
-                            *, expiration: float | None = None) -> None:
+                            *, expiration: float | None = None, body: bytes | None = None) -> None:
         envelope = Envelope(
             message_id=self.envelope.message_id, job_id=self.envelope.job_id, type=self.envelope.type,
             schema=self.envelope.schema or SCHEMA_VERSION, created_at=self.envelope.created_at, headers=headers,
         )
-        await self._bus.publish_raw(exchange=exchange, routing_key=routing_key, body=self.body,
+        await self._bus.publish_raw(exchange=exchange, routing_key=routing_key,
+                                    body=self.body if body is None else body,
                                     envelope=envelope, reply_to=self.reply_to, expiration=expiration)
 
     def _tiers(self) -> Sequence[float]:

@@ -18,6 +18,8 @@ CONTENT_TYPE = "application/json"
 
 #: Largest message body accepted on consume; bigger ones are dead-lettered unread.
 MAX_BODY_BYTES = 1024 * 1024
+#: how much of an oversized body its dead letter keeps (enough to see what it was)
+DEAD_LETTER_KEEP_BYTES = 4096
 
 # Header names: our own, never ``x-`` prefixed (RabbitMQ reserves those).
 H_SCHEMA = "ggt-schema"
@@ -31,6 +33,11 @@ H_ORIGIN_EXCHANGE = "ggt-origin-exchange"
 H_ORIGIN_ROUTING_KEY = "ggt-origin-routing-key"
 H_FIRST_FAILURE = "ggt-first-failure"
 H_DEAD_LETTERED_AT = "ggt-dead-lettered-at"
+#: set on a dead letter whose body was over MAX_BODY_BYTES: the original size and sha256; only the
+#: first DEAD_LETTER_KEEP_BYTES are kept (an oversized message is undecodable anyway, so nothing is lost
+#: that a replay could use, and a publisher cannot fill the broker's disk with copies)
+H_BODY_BYTES = "ggt-body-bytes"
+H_BODY_SHA256 = "ggt-body-sha256"
 #: the tenant that owns the job a message is about; set by the bus, covered by the MAC
 H_OWNER = "ggt-owner"
 #: HMAC-SHA256 of an internal command (bus/auth.py); only the service's key makes it

@@ -327,3 +327,29 @@ async def test_a_request_published_without_a_schema_header_keeps_a_valid_mac_thr
         assert second.authenticated, "the retry copy's MAC covers the schema it is published with"
         assert second.envelope.owner == "acme"
         await second.ack()
+
+
+async def test_an_oversized_message_is_dead_lettered_as_its_head_and_fingerprint_not_whole(bus: Bus) -> None:
+    import hashlib
+
+    from messages.codec import DEAD_LETTER_KEEP_BYTES, H_BODY_BYTES, H_BODY_SHA256, MAX_BODY_BYTES
+
+    request = ConvertRequested(url="http://127.0.0.1/a.mp4", format="mp3", job_id="job-oversized")
+    body = encode(request)[:-1] + b', "padding": "' + b"x" * (2 * MAX_BODY_BYTES) + b'"}'
+    await bus.publish_raw(exchange=REQUESTS_EXCHANGE, routing_key="convert.acme", body=body,
+                          envelope=envelope_for(request))
+    async with receiving(bus, "coordinator") as got:
+        d = await next_delivery(got)
+        assert len(d.body) == len(body)
+        await d.dead_letter(actor="coordinator", error=Error.of(ErrorCode.UNDECODABLE_MESSAGE, "too big"))
+    batch = await bus.take_dead_letters("coordinator")
+    try:
+        (letter,) = batch.letters
+        assert letter.body == body[:DEAD_LETTER_KEEP_BYTES]
+        assert int(letter.envelope.headers[H_BODY_BYTES]) == len(body)
+        assert letter.envelope.headers[H_BODY_SHA256] == hashlib.sha256(body).hexdigest()
+        assert not letter.authenticated, "a cut body is never signed: it cannot be replayed as the original"
+        assert letter.error_code == "undecodable_message"
+    finally:
+        await batch.remove(0)
+        await batch.close()

@@ -565,3 +565,12 @@ def test_minio_init_refuses_to_run_without_credentials(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode != 0
     assert "MINIO_ROOT_USER" in result.stderr
+
+
+def test_the_broker_refuses_messages_far_above_what_the_service_decodes() -> None:
+    from messages.codec import MAX_BODY_BYTES
+
+    limit = int(rabbitmq_conf()["max_message_size"])
+    # room for every message the service itself sends (a body up to MAX_BODY_BYTES plus headers),
+    # and no room for a publisher to store much more than that per message
+    assert MAX_BODY_BYTES < limit <= 4 * MAX_BODY_BYTES

@@ -194,7 +194,7 @@ class Coordinator(Actor):
         error = reply_error or validate_request(message, max_duration=self.settings.max_duration)
         if error is None:
             try:
-                check_url(message.url, allow=self.settings.allow_networks)
+                check_url(message.url, allow=self.settings.allow_networks, deny=self.settings.deny_networks)
             except JobError as exc:
                 error = exc.to_error()
         if error is not None:

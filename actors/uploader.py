@@ -57,7 +57,7 @@ def check_plan_urls(plan: MediaPlan, settings: Settings) -> None:
     forbidden literal host (``check_url``); raises ``JobError(URL_NOT_ALLOWED)``."""
     for url in [*(i.url for i in plan.inputs), *([plan.thumbnail_url] if plan.thumbnail_url else [])]:
         require_http_url(url, what="plan URL")
-        check_url(url, allow=settings.allow_networks)
+        check_url(url, allow=settings.allow_networks, deny=settings.deny_networks)
 
 
 def guarded_plan(plan: MediaPlan, guard: FetchGuard) -> MediaPlan:

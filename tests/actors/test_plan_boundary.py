@@ -128,6 +128,15 @@ def test_a_plan_cannot_name_a_local_file_on_the_wire_where_it_is_made_or_where_i
         assert used.value.code is ErrorCode.URL_NOT_ALLOWED
 
 
+def test_the_uploader_checks_a_plans_urls_against_the_deny_list_too():
+    plan = msgspec.structs.replace(command(good_plan()).plan, inputs=[MediaInput(url="http://10.1.2.3/a.mp4")])
+    allowing = settings_for(allow_networks=("10.0.0.0/8",))
+    check_plan_urls(plan, allowing)  # allowed: nothing raised
+    with pytest.raises(JobError) as denied:
+        check_plan_urls(plan, settings_for(allow_networks=("10.0.0.0/8",), deny_networks=("10.1.0.0/16",)))
+    assert denied.value.code is ErrorCode.URL_NOT_ALLOWED
+
+
 def test_headers_tags_and_format_selectors_cannot_carry_lines_or_options():
     message = command(good_plan())
     for change in (

@@ -136,7 +136,10 @@ def denial_reason(ip: IPAddress | str, *, allow: Sequence[IPNetwork] = (),
             return metadata
     if _within(candidates, deny):
         return "denied by the operator (GGT_DENY_NETWORKS)"
-    if _within(candidates, allow):
+    # an address that carries an IPv4 inside (mapped, NAT64, 6to4, Teredo) reaches that IPv4: allowing
+    # the outer network (say 2000::/3, which holds 6to4's 2002::/16) does not allow a private inside
+    if _within(candidates, allow) and (embedded is None or _within(candidates[1:], allow)
+                                       or block_reason(candidates[1]) is None):
         return None
     return block_reason(ip)
 

@@ -150,6 +150,14 @@ def test_allowed_ipv4_network_also_admits_its_ipv4_mapped_and_nat64_forms() -> N
     assert not address_allowed("::ffff:192.168.0.1", allow=allow)
 
 
+def test_allowing_an_ipv6_network_does_not_admit_a_private_ipv4_carried_inside_it() -> None:
+    allow = parse_networks(["2000::/3"])  # all global unicast, 6to4's 2002::/16 included
+    assert address_allowed("2606:4700::1111", allow=allow)
+    assert not address_allowed("2002:7f00:1::", allow=allow)  # 6to4 of 127.0.0.1
+    assert not address_allowed("2002:a00:1::", allow=allow)  # 6to4 of 10.0.0.1
+    assert address_allowed("2002:a00:1::", allow=parse_networks(["2000::/3", "10.0.0.0/8"]))
+
+
 def test_allow_list_accepts_bare_addresses_as_single_hosts() -> None:
     assert parse_networks(["192.168.1.5"]) == (ipaddress.ip_network("192.168.1.5/32"),)
 

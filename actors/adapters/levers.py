@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from actors.guard.addresses import parse_networks
 from actors.guard.cookies import CookiesFileInvalid, GatewayCookies, load_cookies
 from actors.guard.egress import Egress, EgressProxyInvalid
 from actors.guard.extract import WorkerLevers
@@ -29,6 +30,17 @@ class LeversInvalid(ValueError):
 def lever_problems(settings: Settings) -> list[tuple[str, str]]:
     """(setting, problem) for each lever that cannot be used; empty when all are fine (or unset)."""
     problems: list[tuple[str, str]] = []
+    for setting, cidrs in (("GGT_ALLOW_NETWORKS", settings.allow_networks),
+                           ("GGT_DENY_NETWORKS", settings.deny_networks)):
+        for cidr in cidrs:
+            try:
+                (network,) = parse_networks([cidr])
+            except ValueError as exc:  # host bits set ("10.0.0.1/8"), not an address
+                problems.append((setting, f"{cidr!r} is not a network: {exc}"))
+                continue
+            if setting == "GGT_ALLOW_NETWORKS" and network.prefixlen == 0:
+                problems.append((setting, f"{cidr!r} allows every address: the guard would protect nothing "
+                                          "(name the internal networks users may reach instead)"))
     try:
         Egress(settings.egress_proxy)
     except EgressProxyInvalid as exc:

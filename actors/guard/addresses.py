@@ -126,20 +126,21 @@ def denial_reason(ip: IPAddress | str, *, allow: Sequence[IPNetwork] = (),
     then ``allow`` admits; then only public addresses pass.
     """
     ip = _as_address(ip)
-    candidates: list[IPAddress] = [ip]
+    # the IPv4 an address carries inside (mapped, NAT64, 6to4; Teredo's server and client) is where it
+    # delivers: each must pass on its own, so allowing the outer network (say 2000::/3, which holds
+    # 6to4's 2002::/16 and Teredo's 2001::/32) does not allow a private address inside
     embedded = embedded_ipv4(ip)
-    if embedded is not None:
-        candidates.append(embedded[0])
+    inner: list[IPAddress] = [embedded[0]] if embedded is not None else []
+    if isinstance(ip, ipaddress.IPv6Address) and ip.teredo is not None:
+        inner += list(ip.teredo)
+    candidates: list[IPAddress] = [ip, *inner]
     for candidate in candidates:
         metadata = _metadata_reason(candidate)
         if metadata is not None:
             return metadata
     if _within(candidates, deny):
         return "denied by the operator (GGT_DENY_NETWORKS)"
-    # an address that carries an IPv4 inside (mapped, NAT64, 6to4, Teredo) reaches that IPv4: allowing
-    # the outer network (say 2000::/3, which holds 6to4's 2002::/16) does not allow a private inside
-    if _within(candidates, allow) and (embedded is None or _within(candidates[1:], allow)
-                                       or block_reason(candidates[1]) is None):
+    if _within(candidates, allow) and all(_within([c], allow) or block_reason(c) is None for c in inner):
         return None
     return block_reason(ip)
 

@@ -156,6 +156,14 @@ def test_allowing_an_ipv6_network_does_not_admit_a_private_ipv4_carried_inside_i
     assert not address_allowed("2002:7f00:1::", allow=allow)  # 6to4 of 127.0.0.1
     assert not address_allowed("2002:a00:1::", allow=allow)  # 6to4 of 10.0.0.1
     assert address_allowed("2002:a00:1::", allow=parse_networks(["2000::/3", "10.0.0.0/8"]))
+    # Teredo: 2001:0:<server>:<flags>:<port>:<client XOR ff…>; neither IPv4 may be private
+    teredo_to_loopback = ipaddress.IPv6Address("2001:0:4136:e378:8000:63bf:" + "80ff:fffd")  # client 127.0.0.2
+    assert teredo_to_loopback.teredo[1] == ipaddress.IPv4Address("127.0.0.2")
+    assert not address_allowed(teredo_to_loopback, allow=allow)
+    teredo_via_private = ipaddress.IPv6Address("2001:0:a00:5:8000:63bf:3fff:fdd2")  # server 10.0.0.5
+    assert teredo_via_private.teredo[0] == ipaddress.IPv4Address("10.0.0.5")
+    assert not address_allowed(teredo_via_private, allow=allow)
+    assert address_allowed("2001:0:4136:e378:8000:63bf:f7f7:f7f7", allow=allow)  # 65.54.227.120 and 8.8.8.8
 
 
 def test_allow_list_accepts_bare_addresses_as_single_hosts() -> None:

@@ -10,6 +10,7 @@ plugin directory. ``lever_problems(settings)`` is the same validation for ``getg
 from __future__ import annotations
 
 import http.cookiejar
+import ipaddress
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,10 @@ def lever_problems(settings: Settings) -> list[tuple[str, str]]:
                            ("GGT_DENY_NETWORKS", settings.deny_networks)):
         for cidr in cidrs:
             try:
-                (network,) = parse_networks([cidr])
+                parse_networks([cidr])
             except ValueError as exc:  # host bits set ("10.0.0.1/8"), not an address
                 problems.append((setting, f"{cidr!r} is not a network: {exc}"))
-                continue
-            if setting == "GGT_ALLOW_NETWORKS" and network.prefixlen == 0:
-                problems.append((setting, f"{cidr!r} allows every address: the guard would protect nothing "
-                                          "(name the internal networks users may reach instead)"))
+    problems += _allow_everything(settings.allow_networks)
     try:
         Egress(settings.egress_proxy)
     except EgressProxyInvalid as exc:
@@ -60,6 +58,22 @@ def lever_problems(settings: Settings) -> list[tuple[str, str]]:
         except LeverInvalid as exc:
             problems.append(("GGT_YTDLP_PLUGINS", str(exc)))
     return problems
+
+
+def _allow_everything(cidrs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A problem when GGT_ALLOW_NETWORKS together cover every IPv4 or every IPv6 address (``0.0.0.0/0``,
+    or ``0.0.0.0/1,128.0.0.0/1``): the guard would protect nothing."""
+    try:
+        networks = parse_networks(cidrs)
+    except ValueError:
+        return []  # reported entry by entry above
+    found = []
+    for version, everything in ((4, ipaddress.ip_network("0.0.0.0/0")), (6, ipaddress.ip_network("::/0"))):
+        merged = list(ipaddress.collapse_addresses(n for n in networks if n.version == version))
+        if everything in merged:
+            found.append(("GGT_ALLOW_NETWORKS", f"the entries together allow every IPv{version} address: the guard "
+                                                "would protect nothing (name the internal networks users may reach)"))
+    return found
 
 
 class Levers:

@@ -54,7 +54,10 @@ def url_expiry(url: str, *, now: datetime) -> datetime | None:
             signed = datetime.strptime(query.get("X-Amz-Date", ""), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         except ValueError:
             return None
-        found = signed + timedelta(seconds=min(int(query["X-Amz-Expires"]), 7 * 24 * 3600))
+        try:
+            found = signed + timedelta(seconds=min(int(query["X-Amz-Expires"]), 7 * 24 * 3600))
+        except OverflowError:  # signed in year 9999: nonsense, says nothing
+            return None
     if found is None or found > now + MAX_EXPIRY:
         return None
     return found

@@ -74,7 +74,8 @@ def test_a_url_says_when_it_expires_the_way_youtube_cloudfront_and_s3_say_it() -
 def test_a_hostile_expiry_says_nothing_instead_of_failing_the_resolve() -> None:
     # past year 9999, digits that are digits only to str.isdigit (a superscript, Arabic-Indic)
     for hostile in ("expire=999999999999", "expire=\u00b2", "Expires=\u0661\u0662\u0663",
-                    "X-Amz-Date=20261202T060000Z&X-Amz-Expires=\u00b2"):
+                    "X-Amz-Date=20261202T060000Z&X-Amz-Expires=\u00b2",
+                    "X-Amz-Date=99991231T235959Z&X-Amz-Expires=999999"):
         assert url_expiry(f"https://example.com/a.mp4?{hostile}", now=NOW) is None, hostile
 
 

@@ -267,8 +267,9 @@ def test_extractor_args_are_parsed_by_ytdlp_and_reach_the_workers():
     ("GGT_YTDLP_PLUGINS", "bad name!", "not a package name"),
     ("GGT_YTDLP_PLUGINS", "msgspec", "holds no yt_dlp_plugins modules"),
     ("GGT_ALLOW_NETWORKS", "10.0.0.1/8", "is not a network"),  # host bits set: failed every job before
-    ("GGT_ALLOW_NETWORKS", "10.0.0.0/8,0.0.0.0/0", "allows every address"),
-    ("GGT_ALLOW_NETWORKS", "::/0", "allows every address"),
+    ("GGT_ALLOW_NETWORKS", "10.0.0.0/8,0.0.0.0/0", "allow every IPv4 address"),
+    ("GGT_ALLOW_NETWORKS", "::/0", "allow every IPv6 address"),
+    ("GGT_ALLOW_NETWORKS", "0.0.0.0/1,128.0.0.0/1", "allow every IPv4 address"),  # /0 in two halves
     ("GGT_DENY_NETWORKS", "not-a-network", "is not a network"),
 ])
 def test_bad_lever_settings_are_refused_at_start_with_a_clear_message(setting, value, says):

@@ -162,13 +162,26 @@ def parse_proxy_request(head: bytes) -> ProxyRequest:
                         method=method.upper(), path=path, headers=end_to_end)
 
 
-def gateway_path(url: str) -> str:
+def gateway_path(url: str, *, bare: bool = False) -> str:
     """The gateway path that stands for upstream ``url``: ``/via/<base64url>/<its file name>``.
 
     The name is only for ffmpeg, whose HLS demuxer judges a segment by its URL's extension.
+    ``bare`` (``/via/<base64url>.bare/…``, a mark outside base64url's alphabet): fetch it without the
+    client's Cookie and Authorization — a playlist entry on another origin than the playlist's, which
+    ffmpeg would otherwise send the input's credentials to.
     """
     name = _UNSAFE_NAME.sub("", urllib.parse.urlsplit(url).path.rpartition("/")[2])[-MAX_NAME:] or "_"
-    return f"{GATEWAY_PATH}{base64.urlsafe_b64encode(url.encode()).decode().rstrip('=')}/{name}"
+    token = base64.urlsafe_b64encode(url.encode()).decode().rstrip("=")
+    return f"{GATEWAY_PATH}{token}{BARE_MARK if bare else ''}/{name}"
+
+
+#: the mark of a gateway path fetched without credentials (see gateway_path)
+BARE_MARK = ".bare"
+
+
+def gateway_bare(path: str) -> bool:
+    """Whether a gateway path asks for a fetch without the client's credentials."""
+    return path[len(GATEWAY_PATH):].partition("?")[0].partition("/")[0].endswith(BARE_MARK)
 
 
 #: characters kept of an upstream file name in a gateway path
@@ -181,7 +194,7 @@ def gateway_target(path: str) -> str | None:
     """The upstream URL a gateway path stands for, or None when ``path`` is not one."""
     if not path.startswith(GATEWAY_PATH):
         return None
-    token = path[len(GATEWAY_PATH):].partition("?")[0].partition("/")[0]
+    token = path[len(GATEWAY_PATH):].partition("?")[0].partition("/")[0].removesuffix(BARE_MARK)
     try:
         url = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError):
@@ -502,6 +515,9 @@ class FetchGuard:
             await _answer(writer, 405, "only GET and HEAD are served")
             return
         headers = _forwarded_headers(request.headers)
+        bare = gateway_bare(request.path)
+        if bare:
+            headers = _without_credentials(headers)
         chunk = range_chunk_in(request.path) if request.method == "GET" else 0
         asked = next((v for k, v in headers.items() if k.lower() == "range"), None)
         span = parse_range(asked) if chunk else None
@@ -529,7 +545,7 @@ class FetchGuard:
                 self._refuse(response.url.host or "", "", f"a {kind.name} manifest handed to ffmpeg")
                 await _answer(writer, 403, SAFE_REFUSAL, blocked=True)
             elif kind is BodyKind.HLS:
-                await self._serve_playlist(response, url, prefix, writer)
+                await self._serve_playlist(response, url, prefix, writer, bare=bare)
             elif span is not None:
                 fetched_url = url
 
@@ -620,7 +636,7 @@ class FetchGuard:
                 return prefix, kind
 
     async def _serve_playlist(self, response: aiohttp.ClientResponse, url: str, prefix: bytes,
-                              writer: asyncio.StreamWriter) -> None:
+                              writer: asyncio.StreamWriter, *, bare: bool) -> None:
         body = prefix
         while len(body) <= MANIFEST_BUDGET:
             chunk = await response.content.read(RELAY_CHUNK)
@@ -633,8 +649,11 @@ class FetchGuard:
             return
         try:
             # latin-1 keeps every byte as it was; the URLs the guard writes are ASCII
-            text = rewrite_hls(body.decode("latin-1"), base_url=url,
-                               to_guard=lambda target: self.proxy_url + gateway_path(target))
+            # an entry on another origin (or listed by a playlist fetched bare) is fetched bare:
+            # ffmpeg sends the input's Cookie with every request, the gateway only to its origin
+            origin = _origin_of(url)
+            text = rewrite_hls(body.decode("latin-1"), base_url=url, to_guard=lambda target: self.proxy_url
+                               + gateway_path(target, bare=bare or _origin_of(target) != origin))
         except ManifestRefused as exc:
             self._refuse(response.url.host or "", "", str(exc))
             await _answer(writer, 403, SAFE_REFUSAL, blocked=True)
@@ -702,8 +721,11 @@ def _without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
 
 def _origin_of(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) as the connection will use them, for comparing two hops."""
-    parsed = yarl.URL(url)
-    return parsed.scheme, parsed.raw_host or "", parsed.port
+    try:
+        parsed = yarl.URL(url)
+        return parsed.scheme, parsed.raw_host or "", parsed.port
+    except (ValueError, UnicodeError):
+        return "", "", None
 
 
 def _is_ip_literal(host: str) -> bool:

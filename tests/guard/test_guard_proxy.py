@@ -679,3 +679,42 @@ async def test_a_redirect_to_another_origin_carries_no_cookie_or_authorization(s
                 await response.read()
     assert seen["same"] == [("SID=site-session", "Bearer site-token")]  # a same-origin hop keeps them
     assert seen["other"] == [(None, None)]
+
+
+async def test_ffmpeg_sends_its_cookie_only_to_the_playlists_origin_not_to_segments_elsewhere(
+        serve: Serve, media_dir: Path) -> None:
+    # ffmpeg repeats -headers on every request of an input; the guard keeps them to the playlist's origin
+    seen: dict[str, list[str | None]] = {"home": [], "other": []}
+
+    def segments(where: str) -> web.Application:
+        async def segment(request: web.Request) -> web.FileResponse:
+            seen[where].append(request.headers.get("Cookie"))
+            return web.FileResponse(media_dir / request.match_info["name"])
+        app = web.Application()
+        app.router.add_get("/media/{name}", segment)
+        return app
+
+    other_base = await serve(segments("other"), "127.0.0.3")
+    home = segments("home")
+    lines = (media_dir / "list.m3u8").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("seg"))
+
+    async def playlist(_: web.Request) -> web.Response:
+        # the first segment on the playlist's own origin, every other one on another host
+        text = "\n".join(f"/media/{line}" if i == first else f"{other_base}/media/{line}" if line.startswith("seg")
+                         else line for i, line in enumerate(lines))
+        return web.Response(text=text + "\n", content_type="application/vnd.apple.mpegurl")
+
+    home.router.add_get("/list.m3u8", playlist)
+    base = await serve(home, ALLOWED_HOST)
+    async with FetchGuard(allow=[*TEST_ALLOW, "127.0.0.3/32"]) as guard:
+        process = await asyncio.create_subprocess_exec(
+            "ffmpeg", "-nostdin", "-loglevel", "error", *guard.ffmpeg_input_args(),
+            "-headers", "Cookie: SID=site-session\r\n", "-i", guard.gateway_url(f"{base}/list.m3u8"),
+            "-f", "null", "-", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=guard.subprocess_env(os.environ))
+        async with asyncio.timeout(TOOL_TIMEOUT):
+            _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    assert seen["home"] == ["SID=site-session"]
+    assert seen["other"] and set(seen["other"]) == {None}, seen

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from actors.guard.addresses import parse_networks
+from actors.guard.addresses import IPNetwork, parse_networks
 from actors.guard.cookies import CookiesFileInvalid, GatewayCookies, load_cookies
 from actors.guard.egress import Egress, EgressProxyInvalid
 from actors.guard.extract import WorkerLevers
@@ -31,14 +31,18 @@ class LeversInvalid(ValueError):
 def lever_problems(settings: Settings) -> list[tuple[str, str]]:
     """(setting, problem) for each lever that cannot be used; empty when all are fine (or unset)."""
     problems: list[tuple[str, str]] = []
+    allowed = []
     for setting, cidrs in (("GGT_ALLOW_NETWORKS", settings.allow_networks),
                            ("GGT_DENY_NETWORKS", settings.deny_networks)):
         for cidr in cidrs:
             try:
-                parse_networks([cidr])
+                (network,) = parse_networks([cidr])
             except ValueError as exc:  # host bits set ("10.0.0.1/8"), not an address
                 problems.append((setting, f"{cidr!r} is not a network: {exc}"))
-    problems += _allow_everything(settings.allow_networks)
+                continue
+            if setting == "GGT_ALLOW_NETWORKS":
+                allowed.append(network)
+    problems += _allow_everything(allowed)
     try:
         Egress(settings.egress_proxy)
     except EgressProxyInvalid as exc:
@@ -60,17 +64,12 @@ def lever_problems(settings: Settings) -> list[tuple[str, str]]:
     return problems
 
 
-def _allow_everything(cidrs: tuple[str, ...]) -> list[tuple[str, str]]:
-    """A problem when GGT_ALLOW_NETWORKS together cover every IPv4 or every IPv6 address (``0.0.0.0/0``,
+def _allow_everything(networks: list[IPNetwork]) -> list[tuple[str, str]]:
+    """A problem when the allowed networks together cover every IPv4 or every IPv6 address (``0.0.0.0/0``,
     or ``0.0.0.0/1,128.0.0.0/1``): the guard would protect nothing."""
-    try:
-        networks = parse_networks(cidrs)
-    except ValueError:
-        return []  # reported entry by entry above
     found = []
     for version, everything in ((4, ipaddress.ip_network("0.0.0.0/0")), (6, ipaddress.ip_network("::/0"))):
-        merged = list(ipaddress.collapse_addresses(n for n in networks if n.version == version))
-        if everything in merged:
+        if everything in ipaddress.collapse_addresses(n for n in networks if n.version == version):
             found.append(("GGT_ALLOW_NETWORKS", f"the entries together allow every IPv{version} address: the guard "
                                                 "would protect nothing (name the internal networks users may reach)"))
     return found

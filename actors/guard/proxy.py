@@ -181,7 +181,12 @@ BARE_MARK = ".bare"
 
 def gateway_bare(path: str) -> bool:
     """Whether a gateway path asks for a fetch without the client's credentials."""
-    return path[len(GATEWAY_PATH):].partition("?")[0].partition("/")[0].endswith(BARE_MARK)
+    return _gateway_token(path).endswith(BARE_MARK)
+
+
+def _gateway_token(path: str) -> str:
+    """The ``<base64url>[.bare]`` part of a gateway path."""
+    return path[len(GATEWAY_PATH):].partition("?")[0].partition("/")[0]
 
 
 #: characters kept of an upstream file name in a gateway path
@@ -194,7 +199,7 @@ def gateway_target(path: str) -> str | None:
     """The upstream URL a gateway path stands for, or None when ``path`` is not one."""
     if not path.startswith(GATEWAY_PATH):
         return None
-    token = path[len(GATEWAY_PATH):].partition("?")[0].partition("/")[0].removesuffix(BARE_MARK)
+    token = _gateway_token(path).removesuffix(BARE_MARK)
     try:
         url = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError):

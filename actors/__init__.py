@@ -4,7 +4,7 @@ The four actors (their names and queues are on the wire: ``ggt.<name>``), each a
 
 - ``coordinator.py`` — accepts a ConvertRequested, owns the job record (in the bucket), presigns the
   upload, completes it, presigns the download and announces JobProgress / JobCompleted / JobFailed;
-- ``converter.py``   — *resolves and plans*: yt-dlp (and ffprobe for a direct link) turns the URL into
+- ``converter.py``   — *resolves and plans*: yt-dlp (and a probe of a direct link) turns the URL into
   a typed MediaPlan; it runs no conversion;
 - ``uploader.py``    — *converts and uploads*: runs the plan's ffmpeg and streams its stdout straight
   into the presigned PUTs (the "converting" stage happens here), holding no credentials;
@@ -14,8 +14,8 @@ The folders, by kind:
 
 - ``core/``      pure decisions, values in and values out (catalog of formats, request gate, plan,
   ffmpeg argv, stages and progress, job record rules, upload arithmetic, verdicts);
-- ``adapters/``  the outside world's tools wrapped: ffmpeg and ffprobe processes, the presigned
-  upload, the programs found on PATH, the operator's levers;
+- ``adapters/``  the outside world's tools wrapped: ffmpeg and ffprobe processes, the prober (warm
+  PyAV workers, a fork per probe), the presigned upload, the programs found on PATH, the levers;
 - ``guard/``     the SSRF guard and hostile sources: pure address/URL rules, the enforcing proxy,
   the killable extraction worker, the feeder;
 - ``runtime/``   what every actor process shares: the Worker loop, the pure settle decision,

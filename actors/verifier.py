@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from actors.adapters.ffprobe import ffprobe
+from actors.adapters.prober import ProbePool
 from actors.core.catalog import CATALOG
 from actors.core.verdict import media_problems, object_problems, probe_timeout
 from actors.runtime import metrics
@@ -36,6 +36,7 @@ class Verifier(Actor):
     async def setup(self) -> None:
         self._stack = contextlib.AsyncExitStack()
         self.storage = await self._stack.enter_async_context(Storage(storage_config(self.settings)))
+        self.probes = await self._stack.enter_async_context(ProbePool(self.settings.prefetch or self.prefetch))
 
     async def teardown(self) -> None:
         await self._stack.aclose()
@@ -57,8 +58,9 @@ class Verifier(Actor):
             # spread over its fragments: count the packets, reading the file once front to back
             count = CATALOG[message.format].packet_counted
             try:
-                probe = await ffprobe(url, timeout=probe_timeout(message.size, self.settings.job_time_limit),
-                                      count_packets=count, memory_limit=self.settings.child_memory_limit)
+                probe = await self.probes.probe(
+                    url, timeout=probe_timeout(message.size, self.settings.job_time_limit),
+                    count_packets=count, memory_limit=self.settings.child_memory_limit)
             except JobError as exc:
                 if exc.code == ErrorCode.MEDIA_UNAVAILABLE:  # storage did not serve it: try again, keep the file
                     raise JobError(ErrorCode.STORAGE_UNAVAILABLE, f"probing the stored file: {exc.detail}",

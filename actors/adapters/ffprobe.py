@@ -1,7 +1,10 @@
 """A small async ffprobe wrapper: what a URL or file holds (format, duration, streams).
 
-Used by the converter (the duration of direct links) and the verifier (the stored object, through
-a presigned GET). ffprobe runs in its own process group, which is killed on timeout or cancel.
+The probe's input options (``input_args``), its error codes and its public error text are the
+ones ``actors.adapters.prober`` gives the actors' in-process probes (the converter's of a direct
+link, the verifier's of the stored object); ``ffprobe()`` itself runs Debian's ffprobe, in its own
+process group, killed on timeout or cancel — for tests and tools, and as the reference the prober's
+answers are tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import re
 import signal
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
@@ -32,6 +36,40 @@ STDERR_KEEP = 2000
 _NOT_MEDIA_HINTS = ("Invalid data found", "could not find codec parameters", "moov atom not found")
 
 
+def input_args(
+    url_or_path: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    count_packets: bool = False,
+    wrap_input: Callable[[list[str]], list[str]] | None = None,
+) -> list[str]:
+    """The probe's input options for ``url_or_path`` (before ``-i``): http(s)/HLS protocols for URLs,
+    ``file`` only for local paths. ``wrap_input`` rewrites them (the SSRF guard's ``input_args`` adds its proxy)."""
+    scheme = urlsplit(url_or_path).scheme.lower()
+    if scheme in HTTP_SCHEMES:
+        args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000)),
+                # probing decodes a frame or two: a huge one fails instead of allocating gigabytes
+                "-max_pixels", str(MAX_VIDEO_PIXELS)]
+        if count_packets:
+            # front to back in one request: otherwise the probe seeks to every fragment of a fragmented
+            # MP4, one HTTP GET each (152 for a 5-minute video)
+            args += ["-seekable", "0"]
+        block = header_block(headers or {})
+        if block:
+            args += ["-headers", block]
+    elif scheme in ("", "file"):
+        args = ["-protocol_whitelist", LOCAL_PROTOCOLS]
+    else:
+        raise JobError(ErrorCode.UNSUPPORTED_URL, f"cannot probe a {scheme!r} URL")
+    return wrap_input(args) if wrap_input is not None else args
+
+
+def input_options(url_or_path: str, **kwargs: Any) -> dict[str, str]:
+    """``input_args`` as an options dict (``-name value`` → ``{"name": "value"}``), for the in-process prober."""
+    args = input_args(url_or_path, **kwargs)
+    return {name.removeprefix("-"): value for name, value in zip(args[::2], args[1::2], strict=True)}
+
 
 def probe_argv(
     url_or_path: str,
@@ -42,43 +80,30 @@ def probe_argv(
     ffprobe_bin: str = "ffprobe",
     wrap_input: Callable[[list[str]], list[str]] | None = None,
 ) -> list[str]:
-    """The ffprobe argv for ``url_or_path``: http(s)/HLS protocols for URLs, ``file`` only for local paths.
-
-    ``wrap_input`` rewrites the input's own options (the SSRF guard's ``input_args`` adds its proxy).
-    """
-    scheme = urlsplit(url_or_path).scheme.lower()
+    """The ffprobe argv for ``url_or_path``: its ``input_args``, and the JSON it prints."""
     argv = [ffprobe_bin, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
     if count_packets:
         # reads every packet: the only duration a piped FLAC/WebM has
         argv += ["-show_entries", "packet=pts_time,duration_time"]
-    if scheme in HTTP_SCHEMES:
-        input_args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000)),
-                      # probing decodes a frame or two: a huge one fails instead of allocating gigabytes
-                      "-max_pixels", str(MAX_VIDEO_PIXELS)]
-        if count_packets:
-            # front to back in one request: otherwise ffprobe seeks to every fragment of a fragmented
-            # MP4, one HTTP GET each (152 for a 5-minute video)
-            input_args += ["-seekable", "0"]
-        block = header_block(headers or {})
-        if block:
-            input_args += ["-headers", block]
-    elif scheme in ("", "file"):
-        input_args = ["-protocol_whitelist", LOCAL_PROTOCOLS]
-    else:
-        raise JobError(ErrorCode.UNSUPPORTED_URL, f"cannot probe a {scheme!r} URL")
-    if wrap_input is not None:
-        input_args = wrap_input(input_args)
-    return [*argv, *input_args, "-i", url_or_path]
+    args = input_args(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets,
+                      wrap_input=wrap_input)
+    return [*argv, *args, "-i", url_or_path]
 
 
 _QUERY = re.compile(r"\?[^\s'\"]*")
 
 
 def failure_code(stderr: str) -> ErrorCode:
-    """The error code for an ffprobe failure, from its stderr: not media → no_media_found, else media_unavailable."""
+    """The error code for a failed probe, from its error text: not media → no_media_found, else media_unavailable."""
     if any(hint in stderr for hint in _NOT_MEDIA_HINTS):
         return ErrorCode.NO_MEDIA_FOUND
     return ErrorCode.MEDIA_UNAVAILABLE
+
+
+def public_message(text: str) -> str:
+    """A probe's error text fit for a job's error: its tail, with no URL's query string — FFmpeg names
+    its input in its errors, and a presigned URL's query holds a credential and a signature."""
+    return _QUERY.sub("?…", text.strip())[-STDERR_KEEP:]
 
 
 async def ffprobe(
@@ -119,8 +144,7 @@ async def ffprobe(
                 os.killpg(proc.pid, signal.SIGKILL)
             # shielded so a cancelled caller still reaps the child
             await asyncio.shield(proc.wait())
-    # ffprobe names its input in its errors: a presigned URL's query (credential, signature) stays out
-    message = _QUERY.sub("?…", stderr.decode(errors="replace").strip())[-STDERR_KEEP:]
+    message = public_message(stderr.decode(errors="replace"))
     if proc.returncode != 0:
         raise JobError(failure_code(message), f"ffprobe: {message or f'exit status {proc.returncode}'}")
     try:

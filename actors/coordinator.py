@@ -2,14 +2,24 @@
 
 It never touches file data: it presigns the upload for the uploader, completes the multipart
 upload from the part ETags the uploader reports, and presigns the download URL.
+
+It keeps the records of the jobs in flight it saved last (bytes and ETag), so a step that moves a
+job on saves without loading it first: the save is conditional on that ETag, and when another
+replica moved the job on meanwhile it conflicts, and the step runs once more on the stored record.
+Every other decision — a duplicate, a redelivery, a stale or unknown step — is made on the stored
+record, never on a remembered one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -69,6 +79,36 @@ log = logging.getLogger("getgoodtape.coordinator")
 
 #: extra validity of upload URLs beyond the job's time limit (queueing before the uploader starts)
 UPLOAD_URL_SLACK_S = 600
+#: job records remembered between steps (the least recently saved are forgotten first)
+RECORD_CACHE_SIZE = 512
+
+#: how the running step handler may read its job's record: "cached" (first run), "fresh" (after a
+#: stale one conflicted), None outside the step handlers
+_RUN: contextvars.ContextVar[Literal["cached", "fresh"] | None] = contextvars.ContextVar("record_run", default=None)
+
+
+class _StaleRecord(Exception):
+    """A save on a remembered record conflicted: the stored record moved on since."""
+
+
+def _step(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A step handler that may start from the remembered record; if its save finds the record moved
+    on, it runs once more on the stored one (a real conflict then is retried as usual)."""
+
+    @functools.wraps(handler)
+    async def run(self: Coordinator, message: Base, ctx: Context) -> None:
+        token = _RUN.set("cached")
+        try:
+            await handler(self, message, ctx)
+        except _StaleRecord:
+            _RUN.set("fresh")
+            await handler(self, message, ctx)
+        finally:
+            _RUN.reset(token)
+
+    return run
+
+
 class Coordinator(Actor):
     """Owns every job: its record, its presigned URLs and its final event."""
 
@@ -91,6 +131,7 @@ class Coordinator(Actor):
             self.public = await self._stack.enter_async_context(
                 Storage(storage_config(self.settings, public=True)))
         self.jobs = JobStore(self.storage)
+        self._records: OrderedDict[tuple[str, str], tuple[bytes, str]] = OrderedDict()
         for storage in {id(s): s for s in (self.storage, self.public)}.values():
             metrics.watch_file_bytes(storage.client)  # measures that no file byte passes through here
 
@@ -103,23 +144,50 @@ class Coordinator(Actor):
         """The owner's job record and its ETag, or None (also for another owner's record)."""
         found = await self.jobs.load(job_id, owner=store_owner(owner))
         if found is None:
+            self._forget(job_id, owner)
             return None
         record = decode_record(found[0])
         if record.owner != owner:  # the key says whose it is; the record must agree
             log.warning("job record of another owner ignored", extra={"job_id": job_id})
             return None
+        self._remember(record, *found)
         return record, found[1]
+
+    def _remember(self, record: JobRecord, data: bytes, etag: str) -> None:
+        """Keep a job's stored bytes and ETag for its next step; a finished job's are dropped."""
+        key = (record.owner, record.job_id)
+        if record.stage in TERMINAL:
+            self._records.pop(key, None)
+            return
+        self._records[key] = (data, etag)
+        self._records.move_to_end(key)
+        while len(self._records) > RECORD_CACHE_SIZE:
+            self._records.popitem(last=False)
+
+    def _forget(self, job_id: str, owner: str) -> None:
+        self._records.pop((owner, job_id), None)
+
+    def _remembered(self, job_id: str, owner: str) -> tuple[JobRecord, str] | None:
+        """The record this coordinator saved last for the job (a fresh copy), or None."""
+        found = self._records.get((owner, job_id))
+        return None if found is None else (decode_record(found[0]), found[1])
 
     async def _commit(self, record: JobRecord, etag: str | None, ctx: Context, commands: list[Base]) -> None:
         """Save the transition, then publish its commands (kept in the outbox for redeliveries)."""
         record.trigger = ctx.envelope.message_id
         record.outbox = outbox_of([(c, new_id()) for c in commands])
+        data = encode_record(record)
         try:
-            await self.jobs.save(record.job_id, encode_record(record), etag=etag, owner=store_owner(record.owner))
+            saved = await self.jobs.save(record.job_id, data, etag=etag, owner=store_owner(record.owner))
         except WriteConflict as exc:
+            self._forget(record.job_id, record.owner)
+            if _RUN.get() == "cached":
+                raise _StaleRecord from exc
             raise JobError(ErrorCode.INTERNAL, "job record changed concurrently; retrying", retryable=True) from exc
         except StorageUnavailable as exc:
+            self._forget(record.job_id, record.owner)
             raise JobError(ErrorCode.STORAGE_UNAVAILABLE, str(exc)) from exc
+        self._remember(record, data, saved)
         await self._publish_outbox(record)
 
     async def _publish_outbox(self, record: JobRecord) -> None:
@@ -205,6 +273,7 @@ class Coordinator(Actor):
         await self._commit(record, None, ctx, [ResolveMedia(job_id=job_id, request=message)])
         await self._progress(record, Stage.PREPARING, 0.1, "resolving the media")
 
+    @_step
     async def media_resolved(self, message: MediaResolved, ctx: Context) -> None:
         """The plan is ready: presign the upload and hand the job to an uploader."""
         found = await self._advancing(message.job_id, Stage.PREPARING, ctx)
@@ -217,6 +286,7 @@ class Coordinator(Actor):
         record.plan = plan
         await self._hand_to_uploader(record, etag, ctx, renewals=0)
 
+    @_step
     async def renew_upload(self, message: RenewUpload, ctx: Context) -> None:
         """An uploader got a stale target (a replayed or expired command): presign a fresh upload and
         hand the job over again — which revives a job that failed for a retryable reason."""
@@ -256,6 +326,7 @@ class Coordinator(Actor):
             raise
         await self._progress(record, Stage.CONVERTING, 0.0, "converting and uploading")
 
+    @_step
     async def streamed(self, message: Streamed, ctx: Context) -> None:
         """Every byte is stored: complete the multipart upload and ask for verification."""
         found = await self._advancing(message.job_id, Stage.CONVERTING, ctx)
@@ -282,6 +353,7 @@ class Coordinator(Actor):
         await self._commit(record, etag, ctx, [command])
         await self._progress(record, Stage.VERIFYING, 0.0, "verifying the stored file")
 
+    @_step
     async def verified(self, message: Verified, ctx: Context) -> None:
         """The verdict: presign the download and complete the job, or delete the object and fail it."""
         found = await self._advancing(message.job_id, Stage.VERIFYING, ctx)
@@ -363,8 +435,17 @@ class Coordinator(Actor):
 
     async def _advancing(self, job_id: str, expected: Stage, ctx: Context) -> tuple[JobRecord, str] | None:
         """The record and ETag when this step result may move the job on from ``expected``; None for
-        an unknown job, a duplicate, or a redelivered trigger (whose commands are republished)."""
-        found = await self._record_for(job_id, owner_of(ctx.envelope.owner))
+        an unknown job, a duplicate, or a redelivered trigger (whose commands are republished).
+
+        The remembered record is used only when it lets the step advance (its save is conditional on
+        its ETag, so a stale one conflicts and the step runs again); to ignore or republish, the
+        stored record decides."""
+        owner = owner_of(ctx.envelope.owner)
+        remembered = self._remembered(job_id, owner) if _RUN.get() == "cached" else None
+        if remembered is not None and remembered[0].trigger != ctx.envelope.message_id and may_advance(
+                remembered[0], expected=expected, replayed=ctx.envelope.replays > 0):
+            return remembered
+        found = await self._record_for(job_id, owner)
         if found is None:
             return None
         record, _ = found

@@ -16,6 +16,8 @@ from messages.types import (
 FRAGMENTED_MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
 #: audio-only m4a has no video keyframes to cut fragments at: cut one per second of audio (µs)
 M4A_FRAG_DURATION_US = 1_000_000
+
+
 class Codecs(msgspec.Struct, frozen=True):
     """The codecs of one output format: ffprobe names, the encoder, and what may be stream-copied."""
 

@@ -1,0 +1,109 @@
+"""The coordinator remembers the records it saved: a job's steps save without loading, and a record
+another replica moved on is never acted on — a stale step is decided on the stored record, a stale
+ETag conflicts and the step runs again on the stored one."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.coordinator import Coordinator
+from actors.core.jobs import decode_record, encode_record
+from actors.runtime import metrics
+from messages.types import ConvertRequested, JobCompleted, Stage
+from storage import JobStore, WriteConflict
+
+#: seconds a job of a 1-second clip may take here before the test fails (a lost step hangs the job)
+JOB_TIMEOUT = 60.0
+
+
+def retried() -> float:
+    """The coordinator's messages sent through a retry tier so far (any code)."""
+    return sum(sample.value for metric in metrics.RETRIED.collect() for sample in metric.samples
+               if sample.name.endswith("_total") and sample.labels.get("actor") == "coordinator")
+
+
+@pytest.fixture
+def store_calls(monkeypatch) -> dict[str, int]:
+    """Counts of JobStore.load / save calls and of the conflicts saves met, across every JobStore."""
+    calls = {"load": 0, "save": 0, "conflict": 0}
+    load, save = JobStore.load, JobStore.save
+
+    async def counted_load(self, *args, **kwargs):
+        calls["load"] += 1
+        return await load(self, *args, **kwargs)
+
+    async def counted_save(self, *args, **kwargs):
+        calls["save"] += 1
+        try:
+            return await save(self, *args, **kwargs)
+        except WriteConflict:
+            calls["conflict"] += 1
+            raise
+
+    monkeypatch.setattr(JobStore, "load", counted_load)
+    monkeypatch.setattr(JobStore, "save", counted_save)
+    return calls
+
+
+async def test_a_jobs_steps_save_its_record_without_loading_it_again(store_calls, pipeline, media_server):
+    final = await pipeline.run(ConvertRequested(url=media_server.url("audio.mp3"), format="mp3"),
+                               timeout=JOB_TIMEOUT)
+    assert isinstance(final, JobCompleted), final
+    # the request's duplicate check is the only load; every step saves on the ETag it saved last
+    assert store_calls == {"load": 1, "save": 4, "conflict": 0}
+
+
+async def test_a_step_the_remembered_record_would_ignore_is_decided_on_the_stored_one(
+        monkeypatch, store_calls, pipeline, media_server):
+    # another replica handled MediaResolved: this coordinator still remembers the job as preparing
+    remember = Coordinator._remember
+    first: dict[str, tuple[bytes, str]] = {}
+
+    def remember_an_older_state(self, record, data, etag):
+        remember(self, record, data, etag)
+        first.setdefault(record.job_id, (data, etag))
+        if record.stage == Stage.CONVERTING:
+            self._records[(record.owner, record.job_id)] = first[record.job_id]
+
+    monkeypatch.setattr(Coordinator, "_remember", remember_an_older_state)
+    final = await pipeline.run(ConvertRequested(url=media_server.url("audio.mp3"), format="mp3"),
+                               timeout=JOB_TIMEOUT)
+    assert isinstance(final, JobCompleted), "Streamed must not be ignored for the remembered stage"
+    assert store_calls["load"] == 2 and store_calls["conflict"] == 0, store_calls
+
+
+async def test_a_save_on_an_etag_another_replica_replaced_runs_the_step_again(
+        monkeypatch, store_calls, pipeline, media_server):
+    # another replica rewrote the record while it was converting (same stage, new ETag)
+    save = JobStore.save
+    rewritten: set[str] = set()
+
+    async def save_then_rewrite(self, job_id, data, *, etag, owner=""):
+        saved = await save(self, job_id, data, etag=etag, owner=owner)
+        record = decode_record(data)
+        if record.stage == Stage.CONVERTING and job_id not in rewritten:
+            rewritten.add(job_id)
+            record.percent += 1.0
+            await save(self, job_id, encode_record(record), etag=saved, owner=owner)
+        return saved
+
+    monkeypatch.setattr(JobStore, "save", save_then_rewrite)
+    conflicts = 0
+    commit = Coordinator._commit
+
+    async def counted_commit(self, *args, **kwargs):
+        nonlocal conflicts
+        try:
+            return await commit(self, *args, **kwargs)
+        except Exception:
+            conflicts += 1
+            raise
+
+    monkeypatch.setattr(Coordinator, "_commit", counted_commit)
+    retried_before = retried()
+    final = await pipeline.run(ConvertRequested(url=media_server.url("audio.mp3"), format="mp3"),
+                               timeout=JOB_TIMEOUT)
+    assert isinstance(final, JobCompleted), final
+    assert conflicts == 1, "the Streamed step's save on the remembered ETag conflicted once"
+    assert store_calls["load"] == 2, "…and the step ran again on the stored record"
+    assert retried() == retried_before, "at once, not through a retry tier"

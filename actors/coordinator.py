@@ -349,7 +349,7 @@ class Coordinator(Actor):
                                content_type=plan.content_type, format=plan.format,
                                # an unknown source duration (0): what ffmpeg reported producing
                                duration=plan.duration or message.duration,
-                               expect_codecs=plan.expect_codecs)
+                               expect_codecs=plan.expect_codecs, produced=message.duration)
         await self._commit(record, etag, ctx, [command])
         await self._progress(record, Stage.VERIFYING, 0.0, "verifying the stored file")
 

@@ -1,8 +1,11 @@
 """The verifier: checks the stored object against what was streamed, then probes the media itself.
 
-HEAD: size, ETag (md5 or md5-of-md5s) and Content-Type. Probe through a presigned GET: container,
-codecs, and a duration within 2 % or 0.5 s of the expected one — which catches a source that was
-cut off mid-way even when ffmpeg exited cleanly.
+HEAD: size, ETag (md5 or md5-of-md5s) and Content-Type — the stored bytes are exactly those streamed.
+Probe through a presigned GET: container, codecs, and a duration within 2 % or 0.5 s of the expected
+one — which catches a source that was cut off mid-way even when ffmpeg exited cleanly. A container
+that carries its duration (MP3, WAV) is probed from its header; a piped or fragmented one (MP4/M4A,
+WebM, Ogg, FLAC) from its head only, its duration being what ffmpeg reported producing — read whole,
+counting packets, only when that report is missing (``verdict.reads_whole``).
 
 A verdict is retryable only when the stored object differs from what was streamed (storage's
 doing); a media mismatch is deterministic. A store that does not answer (HEAD, or the probe's GET)
@@ -15,7 +18,7 @@ import contextlib
 
 from actors.adapters.prober import ProbePool
 from actors.core.catalog import CATALOG
-from actors.core.verdict import media_problems, object_problems, probe_timeout
+from actors.core.verdict import media_problems, object_problems, probe_timeout, reads_whole, stored_duration
 from actors.runtime import metrics
 from actors.runtime.storage import storage_config
 from actors.runtime.worker import Actor, Context
@@ -55,12 +58,14 @@ class Verifier(Actor):
         if not problems:
             url = await self.storage.presign_get(message.key, expires=PROBE_URL_TTL)
             # piped FLAC, WebM and Ogg carry no duration in their headers, and a fragmented MP4's is
-            # spread over its fragments: count the packets, reading the file once front to back
-            count = CATALOG[message.format].packet_counted
+            # spread over its fragments: their head gives container and codecs, and the duration is
+            # ffmpeg's report — or, without one, the packets', counted reading the file front to back
+            whole = reads_whole(message)
             try:
                 probe = await self.probes.probe(
                     url, timeout=probe_timeout(message.size, self.settings.job_time_limit),
-                    count_packets=count, memory_limit=self.settings.child_memory_limit)
+                    count_packets=whole, head_only=CATALOG[message.format].packet_counted and not whole,
+                    memory_limit=self.settings.child_memory_limit)
             except JobError as exc:
                 if exc.code == ErrorCode.MEDIA_UNAVAILABLE:  # storage did not serve it: try again, keep the file
                     raise JobError(ErrorCode.STORAGE_UNAVAILABLE, f"probing the stored file: {exc.detail}",
@@ -68,7 +73,7 @@ class Verifier(Actor):
                 problems.append(f"the stored file cannot be probed: {exc.detail or exc.code}")
             else:
                 problems += media_problems(probe, message)
-                measured = probe.best_duration or 0.0
+                measured = stored_duration(probe, message) or 0.0
         metrics.verification(not problems)
         await ctx.publish(Verified(job_id=message.job_id, key=message.key, ok=not problems,
                                    problems=problems, duration=round(measured, 3), retryable=retryable))

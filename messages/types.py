@@ -396,8 +396,11 @@ class VerifyObject(Base, tag="verify_object"):
     etag: str
     content_type: str
     format: Format
+    #: the duration the output must have: the plan's, or (source length unknown) ffmpeg's report
     duration: Seconds
     expect_codecs: dict[str, str] = {}
+    #: the output duration ffmpeg reported producing (Streamed.duration); 0 = not reported
+    produced: Seconds = 0
 
 
 class Verified(Base, tag="verified"):

@@ -42,18 +42,22 @@ def input_args(
     timeout: float,
     headers: Mapping[str, str] | None = None,
     count_packets: bool = False,
+    head_only: bool = False,
     wrap_input: Callable[[list[str]], list[str]] | None = None,
 ) -> list[str]:
     """The probe's input options for ``url_or_path`` (before ``-i``): http(s)/HLS protocols for URLs,
-    ``file`` only for local paths. ``wrap_input`` rewrites them (the SSRF guard's ``input_args`` adds its proxy)."""
+    ``file`` only for local paths. ``wrap_input`` rewrites them (the SSRF guard's ``input_args`` adds its proxy).
+
+    ``count_packets`` and ``head_only`` both read in one request without seeking: the whole file, or
+    only its head (the stream headers and the first packets, a few hundred KB to ~1.5 MB)."""
     scheme = urlsplit(url_or_path).scheme.lower()
     if scheme in HTTP_SCHEMES:
         args = ["-protocol_whitelist", HLS_PROTOCOLS, "-rw_timeout", str(int(timeout * 1_000_000)),
                 # probing decodes a frame or two: a huge one fails instead of allocating gigabytes
                 "-max_pixels", str(MAX_VIDEO_PIXELS)]
-        if count_packets:
+        if count_packets or head_only:
             # front to back in one request: otherwise the probe seeks to every fragment of a fragmented
-            # MP4, one HTTP GET each (152 for a 5-minute video)
+            # MP4, one HTTP GET each (152 for a 5-minute video), and to the end of an Ogg file
             args += ["-seekable", "0"]
         block = header_block(headers or {})
         if block:

@@ -161,6 +161,7 @@ class ProbePool:
         timeout: float,
         headers: Mapping[str, str] | None = None,
         count_packets: bool = False,
+        head_only: bool = False,
         wrap_input: Callable[[list[str]], list[str]] | None = None,
         environment: Mapping[str, str] | None = None,
         memory_limit: int = 0,
@@ -171,7 +172,7 @@ class ProbePool:
         request = ProbeRequest(
             url=url_or_path, timeout=timeout, count_packets=count_packets, memory_limit=memory_limit,
             options=input_options(url_or_path, timeout=timeout, headers=headers, count_packets=count_packets,
-                                  wrap_input=wrap_input),
+                                  head_only=head_only, wrap_input=wrap_input),
             environment=dict(environment) if environment is not None else child_env(os.environ),
         )
         async with self._slots:

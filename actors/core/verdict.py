@@ -52,6 +52,24 @@ def duration_ok(measured: float | None, expected: float) -> bool:
     return abs(measured - expected) <= max(DURATION_TOLERANCE * expected, DURATION_TOLERANCE_S)
 
 
+def reads_whole(message: VerifyObject) -> bool:
+    """Whether the probe reads the stored file front to back, counting its packets.
+
+    Only a piped container whose duration only its packets tell (CATALOG's ``packet_counted``: MP4 and
+    M4A fragments, WebM, Ogg, FLAC) needs the whole file for a duration, and only when ffmpeg did not
+    report what it produced: the stored bytes are those streamed (size and ETag, exact), so ffmpeg's
+    report stands for their duration and the head (container, codecs) is all that is left to read."""
+    return CATALOG[message.format].packet_counted and message.produced <= 0
+
+
+def stored_duration(probe: ProbeResult, message: VerifyObject) -> float | None:
+    """The stored file's duration: its packets' end when counted, its header's for a container that
+    carries one, else (a head read of a piped container) what ffmpeg reported producing."""
+    if probe.packet_duration is None and CATALOG[message.format].packet_counted:
+        return message.produced or None  # the head of a fragmented or piped file tells no total
+    return probe.best_duration
+
+
 def media_problems(probe: ProbeResult, message: VerifyObject) -> list[str]:
     """What is wrong with the media: container, codecs, duration (empty when nothing is)."""
     problems = []
@@ -63,8 +81,11 @@ def media_problems(probe: ProbeResult, message: VerifyObject) -> list[str]:
             problems.append(f"no {kind} stream (expected {codec})")
         elif stream.codec_name != codec:
             problems.append(f"{kind} codec {stream.codec_name!r} is not {codec!r}")
-    measured = probe.best_duration
+    measured = stored_duration(probe, message)
     if not duration_ok(measured, message.duration):
         problems.append(f"duration {measured if measured is None else round(measured, 3)} s is not within "
+                        f"2 % or 0.5 s of {message.duration:.3f} s (source cut off?)")
+    elif message.produced > 0 and not duration_ok(message.produced, message.duration):
+        problems.append(f"ffmpeg reported producing a duration of {message.produced:.3f} s, not within "
                         f"2 % or 0.5 s of {message.duration:.3f} s (source cut off?)")
     return problems

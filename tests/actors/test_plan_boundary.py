@@ -447,6 +447,51 @@ async def test_a_media_mismatch_is_a_verdict_no_retry_can_change_and_lost_bytes_
     assert not lost.ok and lost.retryable and "size" in lost.problems[0]
 
 
+async def stored_fragmented_m4a(storage, tmp_path, *, seconds: int, keep: float = 1.0) -> VerifyObject:
+    """A fragmented M4A made with the catalog's pipe arguments (as the uploader's ffmpeg writes it),
+    its first ``keep`` fraction stored, and the VerifyObject of exactly those bytes (plan: ``seconds``)."""
+    import hashlib
+
+    from actors.core.catalog import CATALOG
+
+    path = tmp_path / "fragments.m4a"
+    run_ffmpeg(["-f", "lavfi", "-i", f"sine=f=440:duration={seconds}", "-c:a", "aac",
+                *CATALOG[Format.M4A].pipe_args, "-f", CATALOG[Format.M4A].muxer, str(path)])
+    data = path.read_bytes()[:int(path.stat().st_size * keep)]
+    key = f"converted/2026/12/job-00000001-{int(keep * 100)}.m4a"
+    await storage.client.put_object(Bucket=storage.bucket, Key=key, Body=data, ContentType="audio/mp4")
+    return VerifyObject(job_id="job-00000001", key=key, size=len(data), etag=hashlib.md5(data).hexdigest(),
+                        content_type="audio/mp4", format=Format.M4A, duration=float(seconds),
+                        expect_codecs={"audio": "aac"})
+
+
+async def test_a_fragmented_output_is_verified_from_its_head_on_ffmpegs_report_and_read_whole_without_one(
+        storage_config, storage, tmp_path):
+    whole = await stored_fragmented_m4a(storage, tmp_path, seconds=20)
+    half = await stored_fragmented_m4a(storage, tmp_path, seconds=20, keep=0.5)
+    published: list = []
+    readings: list[tuple[bool, bool]] = []
+    async with verifier_on(storage_config) as actor:
+        probe = actor.probes.probe
+
+        async def recorded(url, **options):
+            readings.append((options["count_packets"], options["head_only"]))
+            return await probe(url, **options)
+
+        actor.probes.probe = recorded
+        for message in (msgspec.structs.replace(whole, produced=20.0),  # the uploader's report
+                        msgspec.structs.replace(whole, produced=0),  # no report: packets counted
+                        msgspec.structs.replace(half, produced=0),  # stored bytes cut after 10 s
+                        msgspec.structs.replace(whole, produced=9.0)):  # ffmpeg produced 9 of 20 s
+            await actor.verify(message, handler_context(published))
+    head, counted, cut, short = published
+    assert readings == [(False, True), (True, False), (True, False), (False, True)]
+    assert head.ok and head.duration == 20.0, head.problems
+    assert counted.ok and abs(counted.duration - 20.0) <= 0.1, counted.problems
+    assert not cut.ok and not cut.retryable and "cut off" in cut.problems[0], cut.problems
+    assert not short.ok and "cut off" in short.problems[0], short.problems
+
+
 async def test_a_store_that_does_not_answer_is_no_verdict_but_a_retried_storage_unavailable(
         storage_config, storage, media_files):
     from storage import StorageUnavailable

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from actors.core.jobs import enter, job_id_for, may_advance, new_record, timings
 from actors.core.probe import ProbeResult, ProbeStream
-from actors.core.verdict import duration_ok, media_problems, object_problems
+from actors.core.verdict import duration_ok, media_problems, object_problems, reads_whole
 from actors.uploader import feeder_argv
 from messages.errors import Error, ErrorCode
 from messages.types import ConvertRequested, InputVia, MediaInput, MediaPlan, Stage, VerifyObject
@@ -86,6 +88,37 @@ def test_media_problems_catch_a_cut_off_source_wrong_codec_and_container():
     assert "cut off" in media_problems(probe(6.0), verify_message())[0]
     assert any("codec" in p for p in media_problems(probe(10.0, codec="aac"), verify_message()))
     assert any("container" in p for p in media_problems(probe(10.0, fmt="ogg"), verify_message()))
+
+
+def test_a_piped_container_is_read_whole_only_when_ffmpeg_did_not_report_what_it_produced():
+    for fmt in ("mp4", "m4a", "webm", "opus", "flac"):
+        assert reads_whole(verify_message(format=fmt, produced=0))
+        assert not reads_whole(verify_message(format=fmt, produced=10.0))
+    for fmt in ("mp3", "wav"):  # their header says how long they are
+        assert not reads_whole(verify_message(format=fmt, produced=0))
+
+
+def head_of_fragments(first_fragment: float) -> ProbeResult:
+    """What the head of a fragmented M4A tells: container, codec, and the first fragment's length."""
+    return ProbeResult(format_name="mov,mp4,m4a,3gp,3g2,mj2", duration=first_fragment,
+                       streams=[ProbeStream(index=0, codec_type="audio", codec_name="aac")])
+
+
+def test_the_head_of_a_piped_container_is_judged_on_ffmpegs_report_not_on_its_first_fragment():
+    m4a = dict(format="m4a", content_type="audio/mp4", expect_codecs={"audio": "aac"})
+    assert media_problems(head_of_fragments(1.02), verify_message(**m4a, produced=10.0)) == []
+    short = media_problems(head_of_fragments(1.02), verify_message(**m4a, produced=5.0))
+    assert len(short) == 1 and "cut off" in short[0] and "5.0" in short[0]
+    # no report and no packets counted: nothing proves a duration, which is a problem, not a pass
+    assert "cut off" in media_problems(head_of_fragments(1.02), verify_message(**m4a, produced=0))[0]
+    counted = msgspec.structs.replace(head_of_fragments(1.02), packet_duration=6.0)
+    assert "cut off" in media_problems(counted, verify_message(**m4a, produced=0))[0]
+
+
+def test_a_header_duration_and_ffmpegs_report_must_both_match_the_plan():
+    assert media_problems(probe(10.0), verify_message(produced=10.0)) == []
+    assert "ffmpeg reported producing" in media_problems(probe(10.0), verify_message(produced=4.0))[0]
+    assert "cut off" in media_problems(probe(4.0), verify_message(produced=10.0))[0]
 
 
 def test_duration_tolerance_is_two_percent_or_half_a_second():

@@ -45,8 +45,8 @@ class Converter(Actor):
     step = "resolve"
 
     async def setup(self) -> None:
-        """Start the warm extraction workers and probers: one per message in flight, so no job waits for
-        another's page."""
+        """Start the extraction workers and probers: up to one per message in flight, so no job waits
+        for another's slow page (a quick one it waits for: see ``ExtractorPool``)."""
         self.levers = Levers.open(self.settings)
         size = self.settings.prefetch or self.prefetch
         self.probes = ProbePool(size)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from actors.guard import extract
 from messages.errors import ErrorCode, JobError
 from tests.actors import test_converter
 from tests.actors.test_converter import MakeConverter, request
@@ -123,6 +124,30 @@ async def test_a_dripping_page_fails_at_its_limit_while_the_next_job_completes_a
     assert child_pids() <= set(converter.pool.pids) | set(converter.probes.pids)  # warm workers only
     assert ours(threading.enumerate()) == threads_before
     assert child_watchers() <= len(child_pids())
+
+
+async def test_a_burst_of_quick_extractions_queues_for_the_warm_worker_instead_of_starting_more(
+    make_converter: MakeConverter, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract, "GROW_AFTER_S", 60.0)  # longer than any job of the burst waits
+    converter = await make_converter(prefetch=4)
+    url = media_server.url("audio.mp3")
+    plans = await asyncio.wait_for(asyncio.gather(*(converter.plan_for(request(url)) for _ in range(6))), 50)
+    assert [plan.inputs[0].url for plan in plans] == [url] * 6
+    assert len(converter.pool.pids) == 1  # one warm worker served all six; none paid a start
+
+
+async def test_a_job_waiting_behind_a_slow_page_gets_a_worker_of_its_own(
+    make_converter: MakeConverter, pages: HostilePages, media_server: MediaServer
+) -> None:
+    converter = await make_converter(job_time_limit=SHORT_LIMIT, prefetch=2)
+    dripping = asyncio.create_task(converter.plan_for(request(f"{pages.base}/drip.html")))
+    await asyncio.wait_for(pages.drip_started.wait(), 30)
+    plan = await asyncio.wait_for(converter.plan_for(request(media_server.url("audio.mp3"))), 30)
+    assert plan.inputs[0].url == media_server.url("audio.mp3")
+    assert not dripping.done() and len(converter.pool.pids) == 2  # the pool grew for the waiting job
+    with pytest.raises(JobError):
+        await asyncio.wait_for(dripping, SHORT_LIMIT + 30)
 
 
 async def test_a_200_mb_page_fails_with_a_code_and_memory_stays_bounded(

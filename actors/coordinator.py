@@ -7,7 +7,8 @@ It keeps the records of the jobs in flight it saved last (bytes and ETag), so a 
 job on saves without loading it first: the save is conditional on that ETag, and when another
 replica moved the job on meanwhile it conflicts, and the step runs once more on the stored record.
 Every other decision — a duplicate, a redelivery, a stale or unknown step — is made on the stored
-record, never on a remembered one.
+record, never on a remembered one; so is every change to storage a step makes before its save
+(completing, aborting, deleting), since a save that conflicts cannot take those back.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ RECORD_CACHE_SIZE = 512
 #: how the running step handler may read its job's record: "cached" (first run), "fresh" (after a
 #: stale one conflicted), None outside the step handlers
 _RUN: contextvars.ContextVar[Literal["cached", "fresh"] | None] = contextvars.ContextVar("record_run", default=None)
+#: whether the running step works on a remembered record (not loaded from the store in this run)
+_REMEMBERED: contextvars.ContextVar[bool] = contextvars.ContextVar("record_remembered", default=False)
 
 
 class _StaleRecord(Exception):
@@ -97,16 +100,25 @@ def _step(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[No
 
     @functools.wraps(handler)
     async def run(self: Coordinator, message: Base, ctx: Context) -> None:
-        token = _RUN.set("cached")
+        token, remembered = _RUN.set("cached"), _REMEMBERED.set(False)
         try:
             await handler(self, message, ctx)
         except _StaleRecord:
             _RUN.set("fresh")
+            _REMEMBERED.set(False)
             await handler(self, message, ctx)
         finally:
             _RUN.reset(token)
+            _REMEMBERED.reset(remembered)
 
     return run
+
+
+def _before_storage_change() -> None:
+    """Called before a step changes storage ahead of its save: on a remembered record, which may be
+    stale, the step runs again on the stored one first (its save could not undo the change)."""
+    if _REMEMBERED.get():
+        raise _StaleRecord
 
 
 class Coordinator(Actor):
@@ -306,6 +318,7 @@ class Coordinator(Actor):
             record.revivals += 1
         old = record.target.multipart if record.target is not None else None
         if old is not None:  # the stale upload, if the uploader did not abort it already
+            _before_storage_change()
             with contextlib.suppress(StorageUnavailable):
                 await self.storage.abort_multipart(record.key, old.upload_id)
         await self._hand_to_uploader(record, etag, ctx, renewals=ctx.envelope.replays)
@@ -337,6 +350,8 @@ class Coordinator(Actor):
         if message.key != record.key:
             raise JobError(ErrorCode.UPLOAD_FAILED, f"uploader stored {message.key}, expected {record.key}")
         multipart = record.target.multipart
+        if message.upload_mode == "multipart" or multipart is not None:
+            _before_storage_change()
         if message.upload_mode == "multipart":
             await self._storage_call(self.storage.complete_multipart(
                 record.key, message.upload_id, [(p.number, p.etag) for p in message.parts]))
@@ -444,6 +459,7 @@ class Coordinator(Actor):
         remembered = self._remembered(job_id, owner) if _RUN.get() == "cached" else None
         if remembered is not None and remembered[0].trigger != ctx.envelope.message_id and may_advance(
                 remembered[0], expected=expected, replayed=ctx.envelope.replays > 0):
+            _REMEMBERED.set(True)
             return remembered
         found = await self._record_for(job_id, owner)
         if found is None:
@@ -495,6 +511,7 @@ class Coordinator(Actor):
         rule, removes what stays)."""
         target = record.target
         if target is not None and (not error.retryable if clean_up is None else clean_up):
+            _before_storage_change()
             with contextlib.suppress(StorageUnavailable):
                 if target.multipart is not None:
                     await self.storage.abort_multipart(record.key, target.multipart.upload_id)

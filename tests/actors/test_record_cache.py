@@ -107,3 +107,41 @@ async def test_a_save_on_an_etag_another_replica_replaced_runs_the_step_again(
     assert conflicts == 1, "the Streamed step's save on the remembered ETag conflicted once"
     assert store_calls["load"] == 2, "…and the step ran again on the stored record"
     assert retried() == retried_before, "at once, not through a retry tier"
+
+
+async def test_a_failed_verdict_on_a_remembered_record_another_replica_completed_deletes_nothing(
+        monkeypatch, pipeline, media_server):
+    import asyncio
+
+    from messages.types import Verified
+
+    remember = Coordinator._remember
+
+    def stays_verifying(self, record, data, etag):
+        # another replica saved FINISHING and COMPLETED: this one still remembers VERIFYING
+        if record.stage not in (Stage.FINISHING, Stage.COMPLETED):
+            remember(self, record, data, etag)
+
+    monkeypatch.setattr(Coordinator, "_remember", stays_verifying)
+    final = await pipeline.run(ConvertRequested(url=media_server.url("audio.mp3"), format="mp3"),
+                               timeout=JOB_TIMEOUT)
+    assert isinstance(final, JobCompleted), final
+    loaded: list[tuple[bytes, str] | None] = []
+    reloaded = asyncio.Event()
+    load = JobStore.load
+
+    async def seen_load(self, *args, **kwargs):
+        found = await load(self, *args, **kwargs)
+        loaded.append(found)
+        reloaded.set()
+        return found
+
+    monkeypatch.setattr(JobStore, "load", seen_load)
+    # a duplicate verdict (a redelivered VerifyObject verified again, failing): deleting the object is
+    # a change its save could not undo, so the step first runs again on the stored record
+    await pipeline.bus.publish(Verified(job_id=final.job_id, key=final.key, ok=False,
+                                        problems=["ETag differs"], retryable=True))
+    async with asyncio.timeout(JOB_TIMEOUT):
+        await reloaded.wait()
+    assert decode_record(loaded[-1][0]).stage == Stage.COMPLETED
+    assert await pipeline.storage.head(final.key) is not None  # the completed job's file is still there

@@ -217,3 +217,17 @@ async def test_the_input_options_are_ffprobes_own():
     assert options["rw_timeout"] == "3000000" and options["seekable"] == "0"
     assert options["headers"].startswith("Referer: http://x/")
     assert input_options("/tmp/a.mp4", timeout=3.0) == {"protocol_whitelist": "file,pipe"}
+
+
+async def test_tags_that_are_not_utf8_are_replaced_as_ffprobe_does_not_a_failure(pool, tmp_path):
+    tagged = tmp_path / "latin1.m4a"
+    comment = os.fsdecode(b"caf\xe9 \xff\xfe")  # raw bytes in the tag, not UTF-8
+    process = await asyncio.create_subprocess_exec(
+        "ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=2", "-c:a", "aac", "-metadata", f"comment={comment}",
+        str(tagged))
+    assert await process.wait() == 0
+    ours = await pool.probe(str(tagged), timeout=TIMEOUT)
+    reference = await ffprobe(str(tagged), timeout=TIMEOUT)
+    assert summary(ours) == summary(reference)
+    assert ours.best_duration == pytest.approx(reference.best_duration, abs=DURATION_SLACK)
+    assert "\ufffd" in (ours.tag("comment") or "")

@@ -347,32 +347,60 @@ class ExtractorPool:
         return answer
 
     async def _take(self) -> _Process:
-        """An idle worker, waiting GROW_AFTER_S for one before starting one more (while fewer than ``size``)."""
+        """An idle worker, waiting GROW_AFTER_S for one before starting one more (while fewer than
+        ``size``); a start that fails fails the job that asked for it at once."""
         if self._idle.empty() and len(self._all) + self._growing < self._size:
             try:
                 async with asyncio.timeout(GROW_AFTER_S):
                     return await self._idle.get()
             except TimeoutError:
                 if len(self._all) + self._growing < self._size:
-                    self._spawn()
+                    return await self._first_idle(self._spawn())
         return await self._idle.get()
 
-    def _spawn(self) -> None:
-        """Start one more worker in the pool's task group; it joins the idle ones when ready."""
-        self._growing += 1
-        task = self._group.create_task(self._replace())
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+    async def _first_idle(self, started: asyncio.Future[None]) -> _Process:
+        """The first worker to be idle, or the error of the start this job asked for."""
+        getting = asyncio.ensure_future(self._idle.get())
+        try:
+            await asyncio.wait({started, getting}, return_when=asyncio.FIRST_COMPLETED)
+            if not getting.done() and started.done() and not started.cancelled() and started.exception():
+                getting.cancel()
+                await asyncio.wait({getting})
+                if getting.cancelled():  # nothing came free meanwhile: the start's error is the job's
+                    raise started.exception()  # type: ignore[misc]
+            return await getting
+        finally:
+            getting.cancel()  # a cancelled get leaves its item in the queue
 
-    async def _replace(self) -> None:
+    def _spawn(self) -> asyncio.Future[None]:
+        """Start one more worker in the pool's task group; it joins the idle ones when ready. The
+        future ends when it did, or with the reason it could not."""
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self._group.create_task(self._replace(started))
+        self._growing += 1  # counted until the task ends, however it ends (even cancelled unstarted)
+        self._replacing.add(task)
+        task.add_done_callback(lambda done: self._grown(done, started))
+        return started
+
+    def _grown(self, task: asyncio.Task[None], started: asyncio.Future[None]) -> None:
+        self._growing -= 1
+        self._replacing.discard(task)
+        if not started.done():  # cancelled before it ran (the pool is closing)
+            started.cancel()
+
+    async def _replace(self, started: asyncio.Future[None]) -> None:
         try:
             worker = await self._start()
-        except Exception:
+        except Exception as exc:
             log.exception("could not start an extraction worker; the pool runs one short")
+            started.set_exception(exc)
+            started.exception()  # retrieved: a replacement nobody waits for only logs it
             return
-        finally:
-            self._growing -= 1
+        except BaseException:
+            started.cancel()
+            raise
         self._idle.put_nowait(worker)
+        started.set_result(None)
 
     async def _start(self) -> _Process:
         from actors.adapters.ffmpeg import die_with_parent

@@ -150,6 +150,30 @@ async def test_a_job_waiting_behind_a_slow_page_gets_a_worker_of_its_own(
         await asyncio.wait_for(dripping, SHORT_LIMIT + 30)
 
 
+async def test_a_worker_that_cannot_start_fails_the_job_that_asked_for_it_at_once(
+    pages: HostilePages, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from actors.guard import FetchGuard
+
+    async with extract.ExtractorPool(
+            size=2, network_timeout=30.0, max_bytes=10**8,
+            make_guard=lambda: FetchGuard(allow=("127.0.0.1/32",), idle_timeout=30.0)) as pool:
+        loop = asyncio.get_running_loop()
+        dripping = asyncio.create_task(pool.extract(f"{pages.base}/drip.html", deadline=loop.time() + 60))
+        await asyncio.wait_for(pages.drip_started.wait(), 30)  # the one warm worker is busy
+
+        async def cannot_start() -> None:
+            raise RuntimeError("extraction worker did not start (fork: ENOMEM)")
+
+        monkeypatch.setattr(pool, "_start", cannot_start)
+        with pytest.raises(RuntimeError, match="did not start"):  # not a timeout a minute later
+            await pool.extract(media_server.url("audio.mp3"), deadline=loop.time() + 60)
+        assert pool._growing == 0
+        dripping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dripping
+
+
 async def test_a_200_mb_page_fails_with_a_code_and_memory_stays_bounded(
     make_converter: MakeConverter, pages: HostilePages, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -114,6 +114,15 @@ def _step(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[No
     return run
 
 
+def _stale_failure(record: JobRecord, message: StepFailed) -> bool:
+    """Whether the command that failed is no longer the job's (the job moved past it); logs it."""
+    if message.cause and message.cause not in {entry.message_id for entry in record.outbox}:
+        log.info("stale failure ignored: the job has moved past the failed command",
+                 extra={"job_id": record.job_id, "cause": message.cause, "stage": record.stage.value})
+        return True
+    return False
+
+
 def _before_storage_change() -> None:
     """Called before a step changes storage ahead of its save: on a remembered record, which may be
     stale, the step runs again on the stored one first (its save could not undo the change)."""
@@ -409,11 +418,7 @@ class Coordinator(Actor):
             await self._reply(owner, ctx.reply_to, final)
             return
         record, etag = found
-        if await self._redelivered(record, ctx) or record.stage in TERMINAL:
-            return
-        if message.cause and message.cause not in {entry.message_id for entry in record.outbox}:
-            log.info("stale failure ignored: the job has moved past the failed command",
-                     extra={"cause": message.cause, "stage": record.stage.value})
+        if await self._redelivered(record, ctx) or record.stage in TERMINAL or _stale_failure(record, message):
             return
         await self._fail(record, etag, ctx, message.error)
 
@@ -432,7 +437,9 @@ class Coordinator(Actor):
             await self._reply(owner, getattr(message, "reply_to", None) or ctx.reply_to, final)
             return
         record, etag = found
-        if record.stage not in TERMINAL:
+        # a StepFailed that could not be recorded (dead-lettered) may have been overtaken meanwhile —
+        # the failed command replayed and the job renewed: its failure is then no longer the job's
+        if record.stage not in TERMINAL and not (isinstance(message, StepFailed) and _stale_failure(record, message)):
             await self._fail(record, etag, ctx, error)
 
     async def on_undecodable(self, body: bytes, envelope: Envelope, error: Error, ctx: Context) -> None:

@@ -151,13 +151,8 @@ def _child(request: ProbeRequest, answer_fd: int) -> None:
             answer = ProbeAnswer(ok=True, json=probe_json(request))
         except MemoryError:
             answer = ProbeAnswer(ok=False, error="Cannot allocate memory (the probe's memory limit)")
-        except Exception as exc:
-            import av  # loaded already (probe_json)
-
-            if isinstance(exc, av.FFmpegError | OSError):  # FFmpeg's and the system's: their text, no URL
-                text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            else:  # the media's bytes made no sense to PyAV's reading of them: not media, every time
-                text = f"Invalid data found when reading the media ({type(exc).__name__})"
+        except Exception as exc:  # FFmpeg's errors (their text without the URL), and PyAV's
+            text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             answer = ProbeAnswer(ok=False, error=text)
         with os.fdopen(answer_fd, "wb") as out:
             out.write(msgspec.msgpack.encode(answer))

@@ -95,7 +95,10 @@ async def wait_for_records(storage: Storage, job_ids: list[str], *, timeout: flo
                 await asyncio.sleep(0.5)  # polling another process's state, not synchronising
     except TimeoutError:
         stuck = Counter(r.stage.value for r in records.values())
-        raise AssertionError(f"timed out after {timeout}s: {len(records)} records, stages {dict(stuck)}") from None
+        others = {job: (r.stage.value, r.error.code.value if r.error else None, r.error.detail if r.error else None,
+                        r.revivals) for job, r in records.items() if r.stage not in stages}
+        raise AssertionError(f"timed out after {timeout}s: {len(records)} records, stages {dict(stuck)}; "
+                             f"not there: {others}") from None
 
 
 def keys_per_job(keys: Iterable[str]) -> Counter[str]:

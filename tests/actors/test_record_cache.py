@@ -145,3 +145,40 @@ async def test_a_failed_verdict_on_a_remembered_record_another_replica_completed
         await reloaded.wait()
     assert decode_record(loaded[-1][0]).stage == Stage.COMPLETED
     assert await pipeline.storage.head(final.key) is not None  # the completed job's file is still there
+
+
+async def test_a_dead_lettered_failure_the_job_went_on_without_fails_nothing_and_a_current_one_does(
+        storage_config, storage):
+    from types import SimpleNamespace
+
+    from actors.core.jobs import owner_of
+    from messages.errors import Error, ErrorCode
+    from messages.types import StepFailed
+    from tests.actors.test_plan_boundary import started
+    from tests.fixtures.pipeline import pipeline_settings
+
+    published: list = []
+
+    def ctx(message_id: str) -> SimpleNamespace:
+        async def publish(message, **_: object) -> None:
+            published.append(message)
+
+        envelope = SimpleNamespace(message_id=message_id, owner="", replays=0, attempt=3, job_id="")
+        return SimpleNamespace(envelope=envelope, reply_to=None, owner="", attempt=3, publish=publish)
+
+    async with started(Coordinator, pipeline_settings(storage_config)) as coordinator:
+        coordinator.bus.publish = ctx("").publish  # the job's commands and events, kept here
+        await coordinator.convert(ConvertRequested(url="http://127.0.0.1:9/a.mp3", format="mp3", job_id="late-0001"),
+                                  ctx("request-1"))
+        record, _ = await coordinator.load("late-0001", owner_of(""))
+        [current] = [entry.message_id for entry in record.outbox]  # the ResolveMedia in flight
+        down = Error.of(ErrorCode.STORAGE_UNAVAILABLE, "storage unreachable")
+        # the StepFailed of a command the job no longer waits for: dead-lettered late, its failure is stale
+        stale = StepFailed(job_id="late-0001", step="stream", error=down, cause="an-earlier-command")
+        await coordinator.on_failure(stale, down, ctx("failure-1"))
+        assert (await coordinator.load("late-0001", owner_of("")))[0].stage is Stage.PREPARING
+        # the same for the command the job does wait for: that failure is the job's
+        now = StepFailed(job_id="late-0001", step="resolve", error=down, cause=current)
+        await coordinator.on_failure(now, down, ctx("failure-2"))
+        failed = (await coordinator.load("late-0001", owner_of("")))[0]
+        assert failed.stage is Stage.FAILED and failed.error.code is ErrorCode.STORAGE_UNAVAILABLE

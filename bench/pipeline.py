@@ -33,8 +33,8 @@ import msgspec
 
 from actors.core.ffmpeg_args import ffmpeg_argv, output_args
 from actors.runtime.settings import Settings
-from bench.procs import Cost, Watched, run_measured, watching
-from bench.services import Service, free_port, load_average, python, queue_consumers, rabbit_vhost, versions
+from bench.procs import Cost, Watched, cpu_split, machine_cpu, run_measured, watching
+from bench.services import Service, broker_pid, free_port, load_average, python, queue_consumers, rabbit_vhost, versions
 from bench.sources import ensure_sources
 from messages.types import ConvertRequested, Format, JobCompleted, MediaPlan
 from storage.s3 import Storage, StorageConfig
@@ -116,6 +116,11 @@ class Concurrency(msgspec.Struct, kw_only=True):
     failed: int = 0
     costs: dict[str, Cost] = {}
     store: Cost | None = None
+    #: what shares the cores without being GetGoodTape: the broker, the media server, this bench process
+    others: dict[str, Cost] = {}
+    #: the whole machine's busy and idle CPU seconds during the run (every core, /proc/stat)
+    machine_busy: float = 0.0
+    machine_idle: float = 0.0
 
 
 class UploaderRow(msgspec.Struct, kw_only=True):
@@ -433,18 +438,29 @@ class Bench:
             done = await run_measured(self.bare_argv(plan, url), name="ffmpeg")
             bare_cpu.append(done.cost.cpu)
         requests = [ConvertRequested(url=url, format=Format.MP3, job_id=self.job_id("conc")) for _ in range(count)]
-        async with watching(self.watched(*ACTORS, "s3")) as costs:
+        assert self.media is not None
+        others = [Watched("media", self.media.pid)]
+        broker = await asyncio.to_thread(broker_pid)
+        if broker:
+            others.append(Watched("broker", broker))
+        # no sampler: this run's figure is the whole machine, and CPU is exact from begin and end alone
+        async with watching([*self.watched(*ACTORS, "s3"), *others], sample=False) as costs:
+            own0, (busy0, idle0) = cpu_split(os.getpid())[0], machine_cpu()
             started = time.monotonic()
             await self.cluster.run(requests, timeout=JOB_TIMEOUT)
             wall = time.monotonic() - started
+            (busy1, idle1), own = machine_cpu(), cpu_split(os.getpid())[0] - own0
         finals = [self.cluster.finals[r.job_id] for r in requests]
         for final in finals:
             if isinstance(final, JobCompleted):
                 await self.storage.delete(final.key)
         store = costs.pop("s3")
+        shared = {w.name: costs.pop(w.name) for w in others}
+        shared["bench"] = Cost(name="bench", cpu=round(own, 3))  # this process alone: publishing, watching events
         return Concurrency(jobs=count, converters=2, uploaders=2, cores=os.cpu_count() or 1, wall=wall,
                            bare_cpu=bare_cpu, failed=sum(not isinstance(f, JobCompleted) for f in finals),
-                           costs=dict(costs), store=store)
+                           costs=dict(costs), store=store, others=shared,
+                           machine_busy=round(busy1 - busy0, 3), machine_idle=round(idle1 - idle0, 3))
 
 
 # --------------------------------------------------------------------------------- the uploader

@@ -7,7 +7,10 @@ Two ways, one result type (``Cost``):
 - a long-lived process (an actor, the relay, the original processor, the S3 server) is a ``Watched``
   root: its peak RSS counter is reset before each run (``/proc/<pid>/clear_refs``), its descendants
   (ffmpeg, curl, ffprobe) are sampled while they live, and its CPU (``utime+stime+cutime+cstime``)
-  and write_bytes (which Linux adds a reaped child's to its parent's) are taken as differences.
+  and write_bytes (which Linux adds a reaped child's to its parent's) are taken as differences —
+  the CPU of descendants that outlive the run (a warm worker pool) is added from their own counters;
+- the whole machine's busy CPU over a run is ``machine_cpu()`` (/proc/stat) taken as a difference,
+  so what no watched process spent (the kernel, other services, idle) is measured, not guessed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Cost(msgspec.Struct, kw_only=True):
     peak_rss: int = 0
     written: int = 0
     cpu: float = 0.0
+    #: of ``cpu``, what its children spent: reaped ones (cutime + cstime) and live descendants
+    children_cpu: float = 0.0
     #: peak RSS of the programs it ran during the run (ffmpeg, curl …), by program name
     children_peak_rss: dict[str, int] = {}
 
@@ -65,13 +70,25 @@ def write_bytes(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime + cutime + cstime of /proc/<pid>/stat: the process and its reaped children."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime) of /proc/<pid>/stat: the process, its reaped children; 0 when gone."""
     text = _read(f"/proc/{pid}/stat")
     if not text:
-        return 0.0
-    fields = text.rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+        return 0.0, 0.0
+    fields = [int(f) for f in text.rsplit(")", 1)[1].split()[11:15]]
+    return (fields[0] + fields[1]) / CLOCK_TICKS, (fields[2] + fields[3]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of /proc/<pid>/stat: the process and its reaped children."""
+    return sum(cpu_split(pid))
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot, every core (/proc/stat's first line)."""
+    ticks = [int(f) for f in _read("/proc/stat").splitlines()[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / CLOCK_TICKS, idle / CLOCK_TICKS
 
 
 def comm(pid: int) -> str:
@@ -104,7 +121,8 @@ class Watched:
 
     def __init__(self, name: str, pid: int) -> None:
         self.name, self.pid = name, pid
-        self._cpu0 = 0.0
+        self._cpu0 = (0.0, 0.0)
+        self._live0: dict[int, float] = {}
         self._written0 = 0
         self._peak = 0
         self._children: dict[int, tuple[str, int]] = {}
@@ -112,7 +130,8 @@ class Watched:
     def begin(self) -> None:
         """Reset the counters for a new run."""
         reset_peak_rss(self.pid)
-        self._cpu0, self._written0 = cpu_seconds(self.pid), write_bytes(self.pid)
+        self._cpu0, self._written0 = cpu_split(self.pid), write_bytes(self.pid)
+        self._live0 = {child: cpu_seconds(child) for child in descendants(self.pid)}
         self._peak = status_kib(self.pid, "VmRSS") * 1024
         self._children = {}
 
@@ -129,16 +148,33 @@ class Watched:
         by_name: dict[str, int] = {}
         for name, peak in self._children.values():
             by_name[name] = max(by_name.get(name, 0), peak)
+        own, reaped = cpu_split(self.pid)
+        # a descendant still alive (a pool's worker) has not been added to cutime: its own counters
+        # count, less what it had spent before the run; the ones reaped since are in ``reaped``
+        live = sum(cpu_seconds(child) - self._live0.get(child, 0.0) for child in descendants(self.pid))
+        children = reaped - self._cpu0[1] + live
         return Cost(name=self.name, peak_rss=self._peak, written=write_bytes(self.pid) - self._written0,
-                    cpu=round(cpu_seconds(self.pid) - self._cpu0, 3), children_peak_rss=by_name)
+                    cpu=round(own - self._cpu0[0] + children, 3), children_cpu=round(children, 3),
+                    children_peak_rss=by_name)
 
 
 @contextlib.asynccontextmanager
-async def watching(processes: Sequence[Watched]):
-    """Sample ``processes`` every SAMPLE_INTERVAL while the block runs; yields a dict filled on exit."""
+async def watching(processes: Sequence[Watched], *, sample: bool = True):
+    """Sample ``processes`` every SAMPLE_INTERVAL while the block runs; yields a dict filled on exit.
+
+    ``sample=False`` reads them only at the start and the end: CPU, write_bytes and each watched
+    process's own peak RSS are exact that way; only the peaks of short-lived descendants are lost,
+    and a run that measures the whole machine does not pay for a sampler walking /proc 50 times a second.
+    """
     for p in processes:
         p.begin()
     costs: dict[str, Cost] = {}
+    if not sample:
+        try:
+            yield costs
+        finally:
+            costs.update({p.name: p.end() for p in processes})
+        return
 
     async def sampler() -> None:
         while True:

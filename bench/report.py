@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from bench.pipeline import PATHS, PathRun, Results, median
+from bench.pipeline import PATHS, Concurrency, PathRun, Results, median
 from bench.procs import Cost
 
 MiB = 1024 * 1024
@@ -19,6 +19,9 @@ GOAL_CLI_RATIO = 1.25
 GOAL_SERVICE_RATIO = 1.05
 #: most peak-RSS difference across uploader output sizes that still counts as flat (bench.uploader's)
 FLAT_TOLERANCE = 8 * MiB
+#: what shares the cores of the concurrency run without being GetGoodTape, by its name in the results
+OTHER_NAMES = {"s3": "S3 server (embedded)", "broker": "RabbitMQ", "media": "media server",
+               "bench": "the bench process (publishing, events)"}
 
 
 def by_path(results: Results) -> dict[str, dict[str, list[PathRun]]]:
@@ -126,6 +129,42 @@ def efficiency(results: Results) -> float:
     return c.jobs * median(c.bare_cpu) / c.cores / c.wall
 
 
+def cpu_account(c: Concurrency) -> list[tuple[str, float]]:
+    """Where the concurrency run's CPU went, seconds per job: every process, the rest of the machine, idle.
+
+    The rows add up to the machine's CPU over the run (cores × wall, as /proc/stat counts it).
+    """
+    def per_job(seconds: float) -> float:
+        return seconds / c.jobs
+
+    def total(prefix: str, *, children: bool | None = None) -> float:
+        picked = [k for n, k in c.costs.items() if n.split("-")[0] == prefix]
+        if children is None:
+            return sum(k.cpu for k in picked)
+        return sum(k.children_cpu if children else k.cpu - k.children_cpu for k in picked)
+
+    rows = [("ffmpeg (the uploaders' children)", total("uploader", children=True)),
+            ("uploaders' own Python (guard relay, PUTs, bus)", total("uploader", children=False)),
+            ("coordinator", total("coordinator")),
+            ("converters (with their probe workers)", total("converter")),
+            ("verifier (with its probe workers)", total("verifier"))]
+    rows += [(OTHER_NAMES.get(name, name), cost.cpu) for name, cost in
+             ([("s3", c.store)] if c.store else []) + list(c.others.items())]
+    if c.machine_busy:
+        rows.append(("the rest of the machine (kernel, other services)", c.machine_busy - sum(v for _, v in rows)))
+        rows.append(("idle", c.machine_idle))
+    return [(what, per_job(seconds)) for what, seconds in rows]
+
+
+def ceiling(c: Concurrency) -> float:
+    """The efficiency this machine allows the run if GetGoodTape's own processes cost nothing but ffmpeg:
+    bare ffmpeg CPU ÷ (the pipeline's ffmpeg + what shares the cores: S3 server, broker, media server, bench)."""
+    account = dict(cpu_account(c))
+    shared = sum(v for k, v in account.items() if k in OTHER_NAMES.values())
+    floor = account["ffmpeg (the uploaders' children)"] + shared
+    return median(c.bare_cpu) / floor if floor > 0 else 0.0
+
+
 def goals(results: Results) -> list[tuple[str, str, str, bool]]:
     """(goal, measured, target, met) rows."""
     rows: list[tuple[str, str, str, bool]] = []
@@ -205,6 +244,13 @@ def other_tables(results: Results) -> str:
         store = f"; S3 server CPU {c.store.cpu:.1f} s" if c.store else ""
         out.append(f"Concurrency ({c.jobs} jobs at once): wall {c.wall:.1f} s; bare ffmpeg CPU per job "
                    f"{median(c.bare_cpu):.3f} s; efficiency {efficiency(results):.0%}. Processes: {costs}{store}.")
+        if c.others:
+            rows = ["| CPU per job | ms |", "|---|---:|"]
+            rows += [f"| {what} | {seconds * 1000:.1f} |" for what, seconds in cpu_account(c)]
+            out.append(f"Where the concurrency run's CPU went ({c.cores} cores × {c.wall:.1f} s), per job, beside "
+                       f"bare ffmpeg's {median(c.bare_cpu) * 1000:.0f} ms. The most this machine allows if "
+                       f"GetGoodTape's processes cost nothing but their ffmpeg: {ceiling(c):.0%}.\n\n"
+                       + "\n".join(rows))
     if results.uploader:
         rows = ["| output bytes | parts | seconds | MB/s | peak RSS MiB | disk written |",
                 "|---:|---:|---:|---:|---:|---:|"]

@@ -104,6 +104,17 @@ def rabbit_vhost() -> Iterator[str]:
         subprocess.run([ctl, "delete_vhost", name], capture_output=True, timeout=120)
 
 
+def broker_pid() -> int:
+    """The OS process id of the local RabbitMQ node (its Erlang VM), 0 when it cannot be told.
+
+    Read only to account for the broker's CPU during a run; the benchmark never signals it.
+    """
+    done = subprocess.run(["rabbitmqctl", "eval", "list_to_integer(os:getpid())."],
+                          capture_output=True, text=True, timeout=60)
+    text = done.stdout.strip()
+    return int(text) if done.returncode == 0 and text.isdigit() else 0
+
+
 def queue_consumers(vhost: str) -> dict[str, int]:
     """Consumers per queue of ``vhost`` (rabbitmqctl)."""
     done = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "consumers"],

@@ -22,6 +22,9 @@ FLAT_TOLERANCE = 8 * MiB
 #: what shares the cores of the concurrency run without being GetGoodTape, by its name in the results
 OTHER_NAMES = {"s3": "S3 server (embedded)", "broker": "RabbitMQ", "media": "media server",
                "bench": "the bench process (publishing, events)"}
+#: rows of the concurrency run's CPU account that are not a process of OTHER_NAMES
+FFMPEG_ROW, UPLOADER_ROW = "ffmpeg (the uploaders' children)", "uploaders' own Python (guard relay, PUTs, bus)"
+REST_ROW, IDLE_ROW = "the rest of the machine (kernel, other services)", "idle"
 
 
 def by_path(results: Results) -> dict[str, dict[str, list[PathRun]]]:
@@ -143,16 +146,15 @@ def cpu_account(c: Concurrency) -> list[tuple[str, float]]:
             return sum(k.cpu for k in picked)
         return sum(k.children_cpu if children else k.cpu - k.children_cpu for k in picked)
 
-    rows = [("ffmpeg (the uploaders' children)", total("uploader", children=True)),
-            ("uploaders' own Python (guard relay, PUTs, bus)", total("uploader", children=False)),
+    rows = [(FFMPEG_ROW, total("uploader", children=True)), (UPLOADER_ROW, total("uploader", children=False)),
             ("coordinator", total("coordinator")),
             ("converters (with their probe workers)", total("converter")),
             ("verifier (with its probe workers)", total("verifier"))]
     rows += [(OTHER_NAMES.get(name, name), cost.cpu) for name, cost in
              ([("s3", c.store)] if c.store else []) + list(c.others.items())]
     if c.machine_busy:
-        rows.append(("the rest of the machine (kernel, other services)", c.machine_busy - sum(v for _, v in rows)))
-        rows.append(("idle", c.machine_idle))
+        rows.append((REST_ROW, c.machine_busy - sum(v for _, v in rows)))
+        rows.append((IDLE_ROW, c.machine_idle))
     return [(what, per_job(seconds)) for what, seconds in rows]
 
 
@@ -161,7 +163,7 @@ def ceiling(c: Concurrency) -> float:
     bare ffmpeg CPU ÷ (the pipeline's ffmpeg + what shares the cores: S3 server, broker, media server, bench)."""
     account = dict(cpu_account(c))
     shared = sum(v for k, v in account.items() if k in OTHER_NAMES.values())
-    floor = account["ffmpeg (the uploaders' children)"] + shared
+    floor = account[FFMPEG_ROW] + shared
     return median(c.bare_cpu) / floor if floor > 0 else 0.0
 
 

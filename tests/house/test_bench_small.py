@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from bench.pipeline import PATHS, Results
-from bench.report import goals, markdown
+from bench.report import FFMPEG_ROW, OTHER_NAMES, REST_ROW, UPLOADER_ROW, cpu_account, goals, markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 #: seconds the small benchmark may take on a loaded 2-core machine
@@ -42,12 +42,21 @@ def test_small_benchmark_measures_every_path_and_writes_report(tmp_path):
 
     assert results.small_jobs and len(results.small_jobs.latencies) == 3
     assert all(latency > 0 for latency in results.small_jobs.latencies)
-    assert results.concurrency and results.concurrency.failed == 0 and results.concurrency.wall > 0
+    c = results.concurrency
+    assert c and c.failed == 0 and c.wall > 0
+    # the whole machine is accounted for: the broker, media server and bench beside the actors and S3,
+    # the machine's counters cover the run's window, and no process is counted twice (the rest ≥ 0)
+    assert {"broker", "media", "bench"} <= set(c.others) and all(k.cpu > 0 for k in c.others.values()), c.others
+    assert abs(c.machine_busy + c.machine_idle - c.cores * c.wall) <= 0.1 * c.cores * c.wall + 0.1
+    account = dict(cpu_account(c))
+    assert account[FFMPEG_ROW] > 0 and account[UPLOADER_ROW] > 0, account
+    assert account[REST_ROW] >= -0.02 * c.cores * c.wall / c.jobs, account
+    assert set(OTHER_NAMES.values()) <= set(account)
     assert results.uploader and results.uploader[0].written == 0
     assert results.machine["nproc"] and results.load_start and results.load_end
 
     assert (tmp_path / "out" / "chart.png").stat().st_size > 0
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "## Goals" in report and "getgoodtape" in report
+    assert "## Goals" in report and "getgoodtape" in report and "Where the concurrency run's CPU went" in report
     assert len(goals(results)) >= 6
     assert markdown(results).count("| video→mp3") >= 4

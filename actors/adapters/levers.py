@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from actors.guard.addresses import IPNetwork, parse_networks
-from actors.guard.cookies import CookiesFileInvalid, GatewayCookies, load_cookies
+from actors.guard.cookies import CookiesFileInvalid, load_cookies
 from actors.guard.egress import Egress, EgressProxyInvalid
 from actors.guard.extract import WorkerLevers
+from actors.guard.gateway_cookies import GatewayCookies
 from actors.guard.proxy import FetchGuard
 from actors.guard.ytdlp_levers import LeverInvalid, parse_extractor_args, plugin_files, plugin_view
 from actors.runtime.settings import Settings

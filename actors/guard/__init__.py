@@ -50,15 +50,36 @@ Residual risks, known and accepted:
 - The guard judges addresses, not ports or content: a public host is reachable on any port.
 """
 
-from actors.guard.addresses import (
-    address_allowed,
-    block_reason,
-    is_public_address,
-    parse_host_literal,
-    parse_networks,
-)
-from actors.guard.proxy import BLOCKED_HEADER, BLOCKED_VALUE, BlockedFetch, FetchGuard
-from actors.guard.urls import check_url
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from actors.guard.addresses import (
+        address_allowed,
+        block_reason,
+        is_public_address,
+        parse_host_literal,
+        parse_networks,
+    )
+    from actors.guard.proxy import BLOCKED_HEADER, BLOCKED_VALUE, BlockedFetch, FetchGuard
+    from actors.guard.urls import check_url
+
+#: where each name of the package lives: loaded on first use, so a process that needs one module
+#: of the guard (an extraction worker: no aiohttp) does not load them all
+_HOMES = {
+    "address_allowed": "addresses", "block_reason": "addresses", "is_public_address": "addresses",
+    "parse_host_literal": "addresses", "parse_networks": "addresses",
+    "BLOCKED_HEADER": "proxy", "BLOCKED_VALUE": "proxy", "BlockedFetch": "proxy", "FetchGuard": "proxy",
+    "check_url": "urls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+
 
 __all__ = [
     "BLOCKED_HEADER",

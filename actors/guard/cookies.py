@@ -6,7 +6,8 @@ writes its ``cookiefile`` back on close; we never give it one). The cookies reac
 
 - extraction: each worker's YoutubeDL gets a copy of the jar before every job (``apply_to``);
 - media fetches: the guard's gateway adds the ones matching each fetched URL (domain, path,
-  secure, expiry as a browser would: the standard library's cookie policy) — ``GatewayCookies``.
+  secure, expiry as a browser would: the standard library's cookie policy) —
+  ``actors.guard.gateway_cookies.GatewayCookies``.
 
 They never travel in a message: ``strip_from_info`` removes them from the formats yt-dlp returns
 (its ``cookies`` field), so a plan, an event or a dead letter carries only cookies the site itself
@@ -20,13 +21,8 @@ import copy
 import http.cookiejar
 import io
 import os
-import urllib.request
 from collections.abc import Iterable
-from http.cookies import BaseCookie, CookieError
 from typing import Any
-
-import aiohttp
-from yarl import URL
 
 from actors.core.ytdlp_info import COOKIE_ATTRIBUTES
 
@@ -128,26 +124,3 @@ def _items(result: dict[str, Any], key: str) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else []
 
 
-class GatewayCookies(aiohttp.DummyCookieJar):
-    """aiohttp's cookie jar for the guard's gateway: the operator's cookies matching each request, read-only.
-
-    What sites set is not kept (the site's own cookies come in ffmpeg's ``Cookie`` header, from the plan).
-    """
-
-    def __init__(self, jar: http.cookiejar.CookieJar) -> None:
-        super().__init__()
-        self._jar = jar
-
-    def filter_cookies(self, request_url: URL) -> BaseCookie[str]:
-        """The operator's cookies a browser would send to ``request_url``."""
-        request = urllib.request.Request(str(request_url))
-        self._jar.add_cookie_header(request)
-        found: BaseCookie[str] = BaseCookie()
-        for part in (request.get_header("Cookie") or "").split("; "):
-            name, sep, value = part.partition("=")
-            if not sep:
-                continue
-            with contextlib.suppress(CookieError):  # a name http.cookies refuses is not sent
-                found[name] = value
-                found[name].set(name, value, value)  # as written in the file, not re-quoted
-        return found

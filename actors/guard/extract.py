@@ -2,31 +2,43 @@
 
 A page is hostile: it may drip a byte a second or weigh hundreds of MB and be run through hundreds
 of regular expressions. So the converter never extracts on its own event loop or in one of its
-threads: ``ExtractorPool`` keeps warm ``python -m actors.guard.extract`` workers (yt-dlp imported,
-extractor patterns compiled), hands each job to an idle one over a pipe (one JSON line each way)
-and, when a job's deadline passes or it is cancelled, kills that worker's process group and starts
-a fresh one. One bad page costs one worker, never another job's turn; a stopped job leaves no
-thread and no process. Each worker fetches through a guard of its own, whose record, deadline
-and budgets are those of the one job it runs.
+threads: ``ExtractorPool`` keeps warm workers (yt-dlp imported, extractor patterns compiled), hands
+each job to an idle one over a socket (one JSON line each way) and, when a job's deadline passes or
+it is cancelled, kills that worker's process group and starts a fresh one. One bad page costs one
+worker, never another job's turn; a stopped job leaves no thread and no process. Each worker
+fetches through a guard of its own, whose record, deadline and budgets are those of the one job it runs.
+
+Workers are forked from a zygote: ``python -m actors.guard.extract --zygote`` imports yt-dlp and
+compiles its ~1,900 URL patterns once (~0.9 s of CPU), then only forks — a worker costs a fork and
+a YoutubeDL (~40 ms) instead of that start, whether the pool grows for a burst or replaces a worker
+a hostile page took. The zygote never sees a URL: each worker is a fresh copy of a process that has
+run no job. Each worker sends its own pidfd as its first message, so the pool signals and awaits
+exactly that process (the zygote is its parent, and the kernel reaps it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from actors.adapters.tools import ytdlp_js_runtimes
 from actors.guard.children import child_env
-from actors.guard.proxy import FetchGuard
 from messages.errors import ErrorCode, JobError
+
+if TYPE_CHECKING:  # only the pool's side uses a guard; the zygote and its workers never load aiohttp
+    from actors.guard.proxy import FetchGuard
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +59,17 @@ READY = b'{"ready":true}\n'
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 #: seconds a new worker has to import yt-dlp and warm up before it counts as failed
 START_TIMEOUT = 60.0
-#: seconds a job waits for a busy worker before the pool starts one more (a start costs ~1 s)
+#: seconds a job waits for a busy worker before the pool starts one more (a fork of the zygote, ~40 ms)
 GROW_AFTER_S = 0.25
+#: the zygote's first argument
+ZYGOTE_FLAG = "--zygote"
+#: largest control message (a spawn request: the guard's proxy URL; the levers, once)
+MAX_CONTROL_BYTES = 1024 * 1024
+#: bytes of a worker's first message: its pid, zero-padded (its pidfd rides along)
+PID_RECORD = 10
+#: seconds the zygote has to exit once its socket is closed before its group is killed
+ZYGOTE_EXIT_S = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 class _YtdlpLog:
@@ -123,6 +144,12 @@ class WorkerLevers(msgspec.Struct, frozen=True, kw_only=True):
     plugin_dir: str = ""
 
 
+class SpawnRequest(msgspec.Struct, frozen=True):
+    """The pool's request to the zygote: fork a worker fetching through ``proxy`` (the guard's URL)."""
+
+    proxy: str
+
+
 class ExtractRequest(msgspec.Struct, frozen=True):
     """One job for a worker: the URL."""
 
@@ -147,11 +174,11 @@ class ExtractAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
 # --- the worker process
 
 
-class _Worker:
-    """What runs inside ``python -m actors.guard.extract``: yt-dlp, warm, one request at a time."""
+class _Warm:
+    """What every worker shares, made once in the zygote before any fork: yt-dlp imported, the
+    operator's plugins and cookies loaded, every extractor's URL pattern compiled. Never a fetch."""
 
-    def __init__(self, *, proxy: str, network_timeout: float, max_bytes: int,
-                 levers: WorkerLevers | None = None) -> None:
+    def __init__(self, *, network_timeout: float, max_bytes: int, levers: WorkerLevers | None = None) -> None:
         import yt_dlp
         from yt_dlp.extractor import gen_extractor_classes
         from yt_dlp.utils import unified_timestamp
@@ -159,28 +186,49 @@ class _Worker:
         from actors.guard.cookies import cookie_names, load_cookies
         from actors.guard.ytdlp_levers import use_plugin_dir
 
-        levers = levers or WorkerLevers()
-        use_plugin_dir(levers.plugin_dir)  # only the operator's allowed plugin packages, or none
-        self._cookies = load_cookies(levers.cookies_file) if levers.cookies_file else None
-        self._cookie_names = cookie_names(self._cookies) if self._cookies is not None else frozenset()
-        # one YoutubeDL for the worker's life (making one costs ~0.15 s), always through its guard
-        params = ytdlp_params(proxy={"proxy": proxy, "geo_verification_proxy": proxy},
-                              network_timeout=network_timeout, max_bytes=max_bytes, logger=_YtdlpLog(log))
-        params["extractor_args"] = levers.extractor_args
+        self.network_timeout, self.max_bytes = network_timeout, max_bytes
+        self.levers = levers or WorkerLevers()
+        use_plugin_dir(self.levers.plugin_dir)  # only the operator's allowed plugin packages, or none
+        self.cookies = load_cookies(self.levers.cookies_file) if self.levers.cookies_file else None
+        self.cookie_names = cookie_names(self.cookies) if self.cookies is not None else frozenset()
         # Deno from PyPI sits beside this interpreter, maybe off PATH: name it (YouTube's challenges)
-        params["js_runtimes"] = ytdlp_js_runtimes() or params.get("js_runtimes", {"deno": {}})
-        self.ydl = yt_dlp.YoutubeDL(params)
+        self.js_runtimes = ytdlp_js_runtimes() or {"deno": {}}
         # yt-dlp's own order (YoutubeDL tries them in it): the first suitable extractor handles a URL
-        self._extractors = gen_extractor_classes()
-        # pay yt-dlp's one-off costs now rather than in the first job (no network involved): every
-        # extractor's URL pattern (~1,900 regexes), the generic extractor's module, the first date parse
+        self.extractors = gen_extractor_classes()
+        # pay yt-dlp's one-off costs now rather than in each worker (no network involved): every
+        # extractor's URL pattern (~1,900 regexes), the generic extractor's module, the first date
+        # parse, and a YoutubeDL's first making (a proxy nothing is sent to; it is dropped unused)
         self.extractor_for(WARM_UP_URL)
-        self.ydl.get_info_extractor(GENERIC_EXTRACTOR)
+        yt_dlp.YoutubeDL(self.params("http://127.0.0.1:9")).get_info_extractor(GENERIC_EXTRACTOR)
         unified_timestamp(WARM_UP_DATE)
+
+    def params(self, proxy: str) -> dict[str, Any]:
+        """YoutubeDL params for a worker fetching through ``proxy``."""
+        params = ytdlp_params(proxy={"proxy": proxy, "geo_verification_proxy": proxy},
+                              network_timeout=self.network_timeout, max_bytes=self.max_bytes, logger=_YtdlpLog(log))
+        params["extractor_args"] = self.levers.extractor_args
+        params["js_runtimes"] = self.js_runtimes
+        return params
 
     def extractor_for(self, url: str) -> str:
         """The key of the extractor yt-dlp picks for ``url`` (the generic one is last)."""
-        return next((ie.ie_key() for ie in self._extractors if ie.suitable(url)), "")
+        return next((ie.ie_key() for ie in self.extractors if ie.suitable(url)), "")
+
+
+class _Worker:
+    """What runs in a forked worker: one YoutubeDL through the worker's guard, one request at a time."""
+
+    def __init__(self, warm: _Warm, *, proxy: str) -> None:
+        import yt_dlp
+
+        self._warm = warm
+        # one YoutubeDL for the worker's life, always through its guard
+        self.ydl = yt_dlp.YoutubeDL(warm.params(proxy))
+        self.ydl.get_info_extractor(GENERIC_EXTRACTOR)
+
+    def extractor_for(self, url: str) -> str:
+        """The key of the extractor yt-dlp picks for ``url`` (the generic one is last)."""
+        return self._warm.extractor_for(url)
 
     def extract(self, request: ExtractRequest) -> ExtractAnswer:
         """yt-dlp's processed info for the request's URL, or its coded error."""
@@ -189,10 +237,10 @@ class _Worker:
         from actors.core.ytdlp_info import ytdlp_error
         from actors.guard.cookies import apply_to, strip_from_info
 
-        ydl = self.ydl
+        ydl, warm = self.ydl, self._warm
         ydl.cookiejar.clear()  # a site's cookies from another job stay with that job
-        if self._cookies is not None:
-            apply_to(ydl.cookiejar, self._cookies)
+        if warm.cookies is not None:
+            apply_to(ydl.cookiejar, warm.cookies)
         try:
             info = ydl.extract_info(request.url, download=False, process=True)
         except YoutubeDLError as exc:  # DownloadError wraps most; RequestError (file:// …) comes bare
@@ -204,64 +252,238 @@ class _Worker:
             return ExtractAnswer(error=ExtractError("no_media_found", "yt-dlp returned nothing", False))
         # plain data from here on: no LazyLists or callables cross into the planning core; the
         # operator's cookies stay in this process (the guards add them again where they match)
-        return ExtractAnswer(info=strip_from_info(ydl.sanitize_info(info), self._cookie_names))
+        return ExtractAnswer(info=strip_from_info(ydl.sanitize_info(info), warm.cookie_names))
 
 
-def worker_main(argv: list[str]) -> None:
-    """Serve requests from stdin until it closes: one JSON line in, one JSON line out.
+def zygote_main(argv: list[str]) -> None:
+    """``python -m actors.guard.extract --zygote TIMEOUT MAX_BYTES``: warm up, then fork a worker per request.
 
-    ``argv``: the guard's proxy URL, the network timeout (s), the byte limit; the first stdin line
-    is the WorkerLevers.
+    Its stdin is a SOCK_SEQPACKET socket to the pool: first the WorkerLevers (never argv, which
+    ``ps`` shows everyone), answered by READY once warm; then one ``SpawnRequest`` per message, with
+    the worker's end of a socket pair as its one descriptor. It ends when the pool closes the socket.
     """
-    # the protocol owns the real stdout; anything a library prints goes to stderr instead
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    timeout, max_bytes = argv
+    control = socket.socket(fileno=os.dup(0))
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # a library reading stdin reads nothing, not the control socket
+    os.close(null)
+    # the protocol owns its sockets; anything a library prints goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    proxy, timeout, max_bytes = argv
-    levers = msgspec.json.decode(sys.stdin.buffer.readline(), type=WorkerLevers)
-    worker = _Worker(proxy=proxy, network_timeout=float(timeout), max_bytes=int(max_bytes), levers=levers)
+    levers = msgspec.json.decode(control.recv(MAX_CONTROL_BYTES), type=WorkerLevers)
+    warm = _Warm(network_timeout=float(timeout), max_bytes=int(max_bytes), levers=levers)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers; the pool watches their pidfds
+    # what the warm-up made stays out of the collector's reach, so a worker's collections do not
+    # write to (and copy) the pages it shares with the zygote
+    gc.collect()
+    gc.freeze()
+    decoder = msgspec.json.Decoder(SpawnRequest)
+    zygote = os.getpid()
+    control.sendall(READY)
+    while True:
+        message, fds, _flags, _address = socket.recv_fds(control, MAX_CONTROL_BYTES, 1)
+        if not message:
+            return  # the pool has gone
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        try:
+            request = decoder.decode(message)
+        except msgspec.DecodeError:
+            os.close(fds[0])
+            continue
+        if os.fork() == 0:
+            try:
+                control.close()
+                _worker_child(warm, request, fds[0], zygote=zygote)
+            finally:
+                os._exit(1)
+        os.close(fds[0])
+
+
+def _worker_child(warm: _Warm, request: SpawnRequest, fd: int, *, zygote: int) -> None:
+    """In a fresh fork of the zygote: a group of its own, gone with the zygote, its pidfd to the pool,
+    then one JSON line in, one JSON line out on the socket until the pool closes it."""
+    os.setsid()  # the pool kills the group: yt-dlp's Deno children too
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote:  # the zygote died before the line above
+        os._exit(1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # yt-dlp waits for its own children
+    conversation = socket.socket(fileno=fd)
+    pidfd = os.pidfd_open(os.getpid())
+    socket.send_fds(conversation, [b"%0*d" % (PID_RECORD, os.getpid())], [pidfd])
+    os.close(pidfd)
+    worker = _Worker(warm, proxy=request.proxy)
+    lines = conversation.makefile("rb")
     decoder = msgspec.json.Decoder(ExtractRequest)
     encoder = msgspec.json.Encoder(enc_hook=str)
-    answers.write(READY)
-    for line in sys.stdin.buffer:
+    conversation.sendall(READY)
+    for line in lines:
         try:
             answer = worker.extract(decoder.decode(line))
         except Exception as exc:  # a yt-dlp bug must not take the worker down with a traceback only
             answer = ExtractAnswer(error=ExtractError("media_unavailable", f"yt-dlp failed: {exc!r}", True))
-        answers.write(encoder.encode(answer) + b"\n")
+        conversation.sendall(encoder.encode(answer) + b"\n")
+    os._exit(0)
 
 
 # --- the pool, in the converter
 
 
-class _Process:
-    """One running worker, its pipes, and the guard it fetches through (its record is the current job's)."""
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` is readable (a socket with data or closed, a pidfd whose process ended)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
-    def __init__(self, proc: asyncio.subprocess.Process, guard: FetchGuard) -> None:
-        self.proc = proc
+
+class _Process:
+    """One running worker: its socket, its pidfd, and the guard it fetches through (its record is the
+    current job's)."""
+
+    def __init__(self, pid: int, pidfd: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 guard: FetchGuard) -> None:
+        self.pid, self.pidfd = pid, pidfd
+        self.reader, self.writer = reader, writer
         self.guard = guard
 
+    @property
+    def ended(self) -> bool:
+        """Whether the worker has exited (its pidfd is readable)."""
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
     async def ask(self, request: ExtractRequest) -> ExtractAnswer:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(msgspec.json.encode(request) + b"\n")
-        await self.proc.stdin.drain()
-        line = await self.proc.stdout.readline()
+        self.writer.write(msgspec.json.encode(request) + b"\n")
+        await self.writer.drain()
+        line = await self.reader.readline()
         if not line.endswith(b"\n"):
-            raise ConnectionError(f"extraction worker ended (exit status {self.proc.returncode})")
+            raise ConnectionError("extraction worker ended")
         return msgspec.json.decode(line, type=ExtractAnswer)
 
     async def kill(self) -> None:
-        """SIGKILL the worker's group (yt-dlp's Deno children too), reap it, stop its guard."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        waiter = asyncio.ensure_future(self.proc.wait())
+        """SIGKILL the worker's group (yt-dlp's Deno children too), wait for its end, stop its guard."""
         try:
-            await asyncio.shield(waiter)
-        except asyncio.CancelledError:
-            await asyncio.wait([waiter])  # SIGKILL was sent: the wait is short
+            if not self.ended:  # its group id is its pid while it lives: no other process is hit
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            waiter = asyncio.ensure_future(_readable(self.pidfd))
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                await asyncio.wait([waiter])  # SIGKILL was sent: the wait is short
+                raise
+        finally:
+            self.writer.close()
+            os.close(self.pidfd)
+            await self.guard.__aexit__(None, None, None)
+
+
+class _Zygote:
+    """The warm process the pool forks its workers from (``zygote_main``), and its control socket."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.proc, self.control = proc, control
+
+    @classmethod
+    async def start(cls, *, environ: Mapping[str, str], network_timeout: float, max_bytes: int,
+                    levers: bytes) -> _Zygote:
+        """Start it and wait until it is warm; raises RuntimeError when it does not get there."""
+        from actors.adapters.ffmpeg import die_with_parent
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "actors.guard.extract", ZYGOTE_FLAG, str(network_timeout), str(max_bytes),
+                stdin=theirs.fileno(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env=child_env(environ), start_new_session=True, preexec_fn=die_with_parent,
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
             raise
         finally:
-            await self.guard.__aexit__(None, None, None)
+            theirs.close()
+        ours.setblocking(False)
+        zygote = cls(proc, ours)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(ours, levers)
+            async with asyncio.timeout(START_TIMEOUT):
+                line = await loop.sock_recv(ours, len(READY))
+            if line != READY:
+                raise RuntimeError(f"extraction zygote did not start (exit status {proc.returncode})")
+        except BaseException:
+            await zygote.close()
+            raise
+        return zygote
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def fork(self, proxy: str) -> tuple[int, int, socket.socket]:
+        """A new worker fetching through ``proxy``: its pid, its pidfd and the pool's end of its socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            request = msgspec.json.encode(SpawnRequest(proxy=proxy))
+            while True:
+                try:
+                    socket.send_fds(self.control, [request], [theirs.fileno()])
+                    break
+                except BlockingIOError:  # the zygote is behind: wait until it reads again
+                    await _writable(self.control.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            ours.setblocking(False)
+            async with asyncio.timeout(START_TIMEOUT):
+                await _readable(ours.fileno())
+            # the worker's first message: its pid, fixed width, with its pidfd
+            message, fds, _flags, _address = socket.recv_fds(ours, PID_RECORD, 1)
+            if len(fds) != 1 or len(message) != PID_RECORD:
+                for fd in fds:
+                    os.close(fd)
+                raise RuntimeError(f"extraction worker did not start (zygote exit status {self.proc.returncode})")
+        except BaseException:
+            ours.close()
+            raise
+        return int(message), fds[0], ours
+
+    async def close(self) -> None:
+        """Close its socket (it exits at once), SIGKILL its group if it lingers, reap it."""
+        self.control.close()
+        waiter = asyncio.ensure_future(self.proc.wait())
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), ZYGOTE_EXIT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await asyncio.wait([waiter])
+            raise
+
+
+async def _writable(fd: int) -> None:
+    """Wait until ``fd`` can be written to."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 class ExtractorPool:
@@ -292,10 +514,13 @@ class ExtractorPool:
         self._replacing: set[asyncio.Task[None]] = set()
         #: workers being started for the jobs waiting (counted against ``size`` before they exist)
         self._growing = 0
+        self._zygote: _Zygote | None = None
+        self._zygote_lock = asyncio.Lock()
 
     async def __aenter__(self) -> ExtractorPool:
         await self._group.__aenter__()
         try:
+            await self._zygote_up()
             workers = await asyncio.gather(*(self._start() for _ in range(self._warm)))
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
@@ -310,20 +535,49 @@ class ExtractorPool:
         try:
             await self._group.__aexit__(*exc_info)
         finally:
-            for worker in list(self._all):
-                await worker.kill()
-            self._all.clear()
+            try:
+                for worker in list(self._all):
+                    await worker.kill()
+                self._all.clear()
+            finally:
+                zygote, self._zygote = self._zygote, None
+                if zygote is not None:
+                    await zygote.close()
 
     @property
     def pids(self) -> list[int]:
         """The process ids of the pool's workers (running or starting)."""
-        return [worker.proc.pid for worker in self._all]
+        return [worker.pid for worker in self._all]
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """The process id of the zygote the workers are forked from (None before it started)."""
+        return self._zygote.proc.pid if self._zygote is not None else None
+
+    async def _zygote_up(self) -> _Zygote:
+        """The running zygote, started again if it has died (the OOM killer, an operator's signal)."""
+        async with self._zygote_lock:
+            if self._zygote is not None and not self._zygote.alive:
+                log.warning("the extraction zygote died (exit status %s); starting another",
+                            self._zygote.proc.returncode)
+                dead, self._zygote = self._zygote, None
+                await dead.close()
+            if self._zygote is None:
+                self._zygote = await _Zygote.start(environ=self._environ, network_timeout=self._network_timeout,
+                                                   max_bytes=self._max_bytes, levers=self._levers)
+            return self._zygote
 
     async def extract(self, url: str, *, deadline: float) -> ExtractAnswer:
         """yt-dlp's answer for ``url`` (the guard's error first, when it refused or cut a fetch);
         TimeoutError when ``deadline`` (loop time) passes first."""
         async with asyncio.timeout_at(deadline):
             worker = await self._take()
+            while worker.ended:  # it died idle (its zygote went, the OOM killer): cleared, and the next
+                self._all.discard(worker)
+                await worker.kill()
+                if len(self._all) + self._growing < self._warm:
+                    self._spawn()
+                worker = await self._take()
         guard = worker.guard
         guard.blocked.clear()
         guard.failures.clear()
@@ -403,29 +657,27 @@ class ExtractorPool:
         started.set_result(None)
 
     async def _start(self) -> _Process:
-        from actors.adapters.ffmpeg import die_with_parent
-
+        zygote = await self._zygote_up()
         guard = await self._make_guard().__aenter__()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "actors.guard.extract",
-                guard.proxy_url, str(self._network_timeout), str(self._max_bytes),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-                env=child_env(self._environ), start_new_session=True, preexec_fn=die_with_parent,
-                limit=MAX_ANSWER_BYTES,
-            )  # fmt: skip
+            pid, pidfd, sock = await zygote.fork(guard.proxy_url)
         except BaseException:
             await guard.__aexit__(None, None, None)
             raise
-        worker = _Process(proc, guard)
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_ANSWER_BYTES)
+        except BaseException:
+            sock.close()
+            os.close(pidfd)
+            await guard.__aexit__(None, None, None)
+            raise
+        worker = _Process(pid, pidfd, reader, writer, guard)
         self._all.add(worker)
         try:
-            assert proc.stdout is not None and proc.stdin is not None
-            proc.stdin.write(self._levers)
             async with asyncio.timeout(START_TIMEOUT):
-                line = await proc.stdout.readline()
+                line = await reader.readline()
             if line != READY:
-                raise RuntimeError(f"extraction worker did not start (exit status {proc.returncode})")
+                raise RuntimeError("extraction worker did not start")
         except BaseException:
             self._all.discard(worker)
             await worker.kill()
@@ -448,4 +700,6 @@ async def extracted_info(pool: ExtractorPool, url: str, *, deadline: float) -> d
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1:])
+    if sys.argv[1:2] != [ZYGOTE_FLAG]:
+        raise SystemExit(f"usage: python -m actors.guard.extract {ZYGOTE_FLAG} TIMEOUT MAX_BYTES (the pool starts it)")
+    zygote_main(sys.argv[2:])

@@ -367,7 +367,7 @@ def test_ytdlp_params_harden_the_youtubedl() -> None:
 def test_extraction_workers_load_no_plugins() -> None:
     # what a worker process runs at start, checked in a process of its own (plugins are per process)
     check = ("from actors.guard.extract import _Worker\n"
-             "_Worker(proxy='http://127.0.0.1:1', network_timeout=1, max_bytes=1)\n"
+             "from actors.guard.extract import _Warm\n_Worker(_Warm(network_timeout=1, max_bytes=1), proxy='http://127.0.0.1:1')\n"
              "from yt_dlp import globals as g\n"
              "assert g.plugin_dirs.value == [] and g.plugin_ies.value == {} and g.plugin_pps.value == {}\n")
     subprocess.run([sys.executable, "-c", check], check=True, capture_output=True, timeout=120)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import select
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,9 +76,9 @@ async def pages() -> AsyncIterator[HostilePages]:
         await runner.cleanup()
 
 
-def child_pids() -> set[int]:
-    """Running (or unreaped) children of this process."""
-    me = str(os.getpid())
+def child_pids(parent: int | None = None) -> set[int]:
+    """Running (or unreaped) children of ``parent`` (this process by default)."""
+    me = str(parent or os.getpid())
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -84,6 +89,11 @@ def child_pids() -> set[int]:
             if stat.rpartition(")")[2].split()[1] == me:
                 found.add(int(entry.name))
     return found
+
+
+def process_exists(pid: int) -> bool:
+    """True while ``pid`` runs or waits to be reaped (a zombie still has its /proc entry)."""
+    return os.path.exists(f"/proc/{pid}")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -119,9 +129,11 @@ async def test_a_dripping_page_fails_at_its_limit_while_the_next_job_completes_a
     with pytest.raises(JobError) as caught:
         await asyncio.wait_for(dripping, SHORT_LIMIT + 30)
     assert caught.value.code is ErrorCode.TIMEOUT
-    # no thread, no process of the stopped job: its worker is killed and reaped
-    assert drip_worker not in child_pids()
-    assert child_pids() <= set(converter.pool.pids) | set(converter.probes.pids)  # warm workers only
+    # no thread, no process of the stopped job: its worker is killed and reaped (by the zygote's kernel
+    # auto-reap: its /proc entry is gone), and what is left are the zygote's warm workers only
+    assert drip_worker not in converter.pool.pids and not process_exists(drip_worker)
+    assert child_pids() <= {converter.pool.zygote_pid} | set(converter.probes.pids)
+    assert child_pids(converter.pool.zygote_pid) == set(converter.pool.pids)
     assert ours(threading.enumerate()) == threads_before
     assert child_watchers() <= len(child_pids())
 
@@ -191,3 +203,96 @@ async def test_a_200_mb_page_fails_with_a_code_and_memory_stays_bounded(
     # the page budget (16 MiB) stops the read long before 200 MB reach either process
     assert converter_mib - before_mib < 100
     assert worker_mib < 300
+
+
+# --- the zygote the workers are forked from
+
+
+def _pool(size: int = 2) -> extract.ExtractorPool:
+    from actors.guard import FetchGuard
+
+    return extract.ExtractorPool(size=size, network_timeout=30.0, max_bytes=10**8,
+                                 make_guard=lambda: FetchGuard(allow=("127.0.0.1/32",), idle_timeout=30.0))
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait on each process's pidfd until it ends (at most ``timeout`` in all); the ones still running."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue  # already gone
+    try:
+        left = dict(fds)
+        end = time.monotonic() + timeout
+        while left and time.monotonic() < end:
+            ready, _, _ = select.select(list(left), [], [], max(0.0, end - time.monotonic()))
+            for fd in ready:
+                left.pop(fd)
+        return sorted(left.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def test_workers_are_forks_of_a_zygote_that_loads_no_aiohttp_and_a_new_one_is_a_fork(
+        media_server: MediaServer) -> None:
+    async with _pool() as pool:
+        zygote = pool.zygote_pid
+        [first] = pool.pids
+        assert child_pids(zygote) == {first}
+        # the zygote (and so every worker) never loaded aiohttp's parser: the guard's side stays in the pool
+        assert "aiohttp" not in _maps(zygote) and "aiohttp" not in _maps(first)
+        loop = asyncio.get_running_loop()
+        answer = await pool.extract(media_server.url("audio.mp3"), deadline=loop.time() + 30)
+        assert answer.error is None and answer.info is not None
+        second = await pool._start()  # what growing or replacing does
+        try:
+            assert pool.zygote_pid == zygote and child_pids(zygote) == {first, second.pid}
+            assert second.pid not in child_pids()  # not this process's child: the zygote's fork
+        finally:
+            pool._all.discard(second)
+            await second.kill()
+        assert not process_exists(second.pid) and child_pids(zygote) == {first}
+
+
+async def test_a_dead_zygote_is_started_again_and_the_next_job_gets_a_live_worker(media_server: MediaServer) -> None:
+    async with _pool() as pool:
+        zygote, [worker] = pool.zygote_pid, pool.pids
+        os.killpg(zygote, signal.SIGKILL)  # a process group this test's pool started
+        assert _wait_gone([zygote, worker], 30) == []  # its worker died with it (PDEATHSIG)
+        loop = asyncio.get_running_loop()
+        answer = await pool.extract(media_server.url("audio.mp3"), deadline=loop.time() + 60)
+        assert answer.error is None and answer.info is not None
+        assert pool.zygote_pid not in (None, zygote) and worker not in pool.pids
+        assert child_pids(pool.zygote_pid) == set(pool.pids)
+
+
+def test_a_killed_pool_owner_leaves_no_zygote_and_no_worker() -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, sys\n"
+         "from tests.guard.test_guard_extract import _pool\n"
+         "async def main():\n"
+         "    async with _pool() as pool:\n"
+         "        await pool._start()\n"
+         "        print(pool.zygote_pid, *pool.pids, flush=True)\n"
+         "        sys.stdin.readline()\n"
+         "asyncio.run(main())\n"],
+        cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        pids = [int(pid) for pid in owner.stdout.readline().split()]
+        assert len(pids) == 3, pids  # the zygote and two workers
+        owner.send_signal(signal.SIGKILL)  # no cleanup runs: only the kernel's death signals
+        owner.wait(timeout=30)
+        assert _wait_gone(pids, 30) == []
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,9 @@ MAX_CONTROL_BYTES = 1024 * 1024
 PID_RECORD = 10
 #: seconds the zygote has to exit once its socket is closed before its group is killed
 ZYGOTE_EXIT_S = 5.0
+#: seconds a fork request may take to be read and answered with the worker's record (milliseconds
+#: normally): past it the zygote counts as stuck and is replaced
+FORK_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -292,7 +296,12 @@ def zygote_main(argv: list[str]) -> None:
         except msgspec.DecodeError:
             os.close(fds[0])
             continue
-        if os.fork() == 0:
+        try:
+            child = os.fork()
+        except OSError:  # EAGAIN/ENOMEM (a pids limit under load): the pool sees the socket close
+            os.close(fds[0])  # and fails this one start; the zygote and its workers go on
+            continue
+        if child == 0:
             try:
                 control.close()
                 _worker_child(warm, request, fds[0], zygote=zygote)
@@ -301,14 +310,40 @@ def zygote_main(argv: list[str]) -> None:
         os.close(fds[0])
 
 
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _children_die_with_worker() -> None:
+    """Every process the worker starts (yt-dlp's Deno, an ``ffmpeg -version``) gets a parent-death
+    signal: the kernel kills it when the worker dies, whoever killed the worker (the pool kills the
+    group too; this covers a worker that died on its own, or with its zygote and converter). The worker
+    is single-threaded, so a ``preexec_fn`` is safe, and its parent is the thread that stays."""
+    popen_init = subprocess.Popen.__init__
+
+    def init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        chosen = kwargs.get("preexec_fn")
+        if chosen is None:
+            kwargs["preexec_fn"] = _die_with_parent
+        else:
+            def both() -> None:
+                _die_with_parent()
+                chosen()
+            kwargs["preexec_fn"] = both
+        popen_init(self, *args, **kwargs)
+
+    subprocess.Popen.__init__ = init  # type: ignore[method-assign]
+
+
 def _worker_child(warm: _Warm, request: SpawnRequest, fd: int, *, zygote: int) -> None:
     """In a fresh fork of the zygote: a group of its own, gone with the zygote, its pidfd to the pool,
     then one JSON line in, one JSON line out on the socket until the pool closes it."""
     os.setsid()  # the pool kills the group: yt-dlp's Deno children too
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _die_with_parent()
     if os.getppid() != zygote:  # the zygote died before the line above
         os._exit(1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # yt-dlp waits for its own children
+    _children_die_with_worker()
     conversation = socket.socket(fileno=fd)
     pidfd = os.pidfd_open(os.getpid())
     socket.send_fds(conversation, [b"%0*d" % (PID_RECORD, os.getpid())], [pidfd])
@@ -350,28 +385,41 @@ class _Process:
         self.pid, self.pidfd = pid, pidfd
         self.reader, self.writer = reader, writer
         self.guard = guard
+        self._ended = select.poll()  # poll, not select: a pidfd may be numbered past FD_SETSIZE
+        self._ended.register(pidfd, select.POLLIN)
+        self._killed: asyncio.Future[None] | None = None
 
     @property
     def ended(self) -> bool:
         """Whether the worker has exited (its pidfd is readable)."""
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        return self._killed is not None or bool(self._ended.poll(0))
 
     async def ask(self, request: ExtractRequest) -> ExtractAnswer:
         self.writer.write(msgspec.json.encode(request) + b"\n")
         await self.writer.drain()
-        line = await self.reader.readline()
+        try:
+            line = await self.reader.readline()
+        except ValueError:  # the line passed MAX_ANSWER_BYTES: a page's formats, not a fault to retry
+            raise JobError(ErrorCode.TOO_LARGE, f"yt-dlp's answer passed {MAX_ANSWER_BYTES} bytes",
+                           retryable=False) from None
         if not line.endswith(b"\n"):
             raise ConnectionError("extraction worker ended")
         return msgspec.json.decode(line, type=ExtractAnswer)
 
     async def kill(self) -> None:
-        """SIGKILL the worker's group (yt-dlp's Deno children too), wait for its end, stop its guard."""
+        """SIGKILL the worker's group (yt-dlp's Deno children too), wait for its end, stop its guard.
+        A second call waits for the first."""
+        if self._killed is not None:
+            await asyncio.shield(self._killed)
+            return
+        self._killed = asyncio.get_running_loop().create_future()
         try:
-            if not self.ended:  # its group id is its pid while it lives: no other process is hit
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            # the group's id stays reserved while any member lives, so this reaches the worker's own
+            # leftovers even once it has exited (an OOM kill), and nothing else
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             waiter = asyncio.ensure_future(_readable(self.pidfd))
             try:
                 await asyncio.shield(waiter)
@@ -381,7 +429,14 @@ class _Process:
         finally:
             self.writer.close()
             os.close(self.pidfd)
-            await self.guard.__aexit__(None, None, None)
+            try:
+                await self.guard.__aexit__(None, None, None)
+            finally:
+                self._killed.set_result(None)
+
+
+class ZygoteGone(Exception):
+    """The zygote did not take or answer a fork request (it died, or stopped answering)."""
 
 
 class _Zygote:
@@ -389,6 +444,8 @@ class _Zygote:
 
     def __init__(self, proc: asyncio.subprocess.Process, control: socket.socket) -> None:
         self.proc, self.control = proc, control
+        #: it stopped answering (a fork's record did not come) or its socket broke: replace it
+        self.broken = False
 
     @classmethod
     async def start(cls, *, environ: Mapping[str, str], network_timeout: float, max_bytes: int,
@@ -424,7 +481,7 @@ class _Zygote:
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None
+        return self.proc.returncode is None and not self.broken
 
     async def fork(self, proxy: str) -> tuple[int, int, socket.socket]:
         """A new worker fetching through ``proxy``: its pid, its pidfd and the pool's end of its socket."""
@@ -436,7 +493,12 @@ class _Zygote:
                     socket.send_fds(self.control, [request], [theirs.fileno()])
                     break
                 except BlockingIOError:  # the zygote is behind: wait until it reads again
-                    await _writable(self.control.fileno())
+                    async with asyncio.timeout(FORK_TIMEOUT):
+                        await _writable(self.control.fileno())
+        except (OSError, TimeoutError):  # gone (EPIPE, ECONNRESET) or stuck: the caller starts another
+            self.broken = True
+            ours.close()
+            raise ZygoteGone from None
         except BaseException:
             ours.close()
             raise
@@ -444,22 +506,31 @@ class _Zygote:
             theirs.close()
         try:
             ours.setblocking(False)
-            async with asyncio.timeout(START_TIMEOUT):
-                await _readable(ours.fileno())
+            try:
+                async with asyncio.timeout(FORK_TIMEOUT):  # a fork answers in milliseconds
+                    await _readable(ours.fileno())
+            except TimeoutError:
+                self.broken = True  # stopped (SIGSTOP) or stuck in fork: replaced on the next need
+                raise ZygoteGone from None
             # the worker's first message: its pid, fixed width, with its pidfd
             message, fds, _flags, _address = socket.recv_fds(ours, PID_RECORD, 1)
+            for fd in fds:
+                os.set_inheritable(fd, False)  # recvmsg gives no O_CLOEXEC: no child of ours may hold it
             if len(fds) != 1 or len(message) != PID_RECORD:
                 for fd in fds:
                     os.close(fd)
-                raise RuntimeError(f"extraction worker did not start (zygote exit status {self.proc.returncode})")
+                raise RuntimeError("extraction worker did not start (its fork failed or it died at once)")
         except BaseException:
             ours.close()
             raise
         return int(message), fds[0], ours
 
     async def close(self) -> None:
-        """Close its socket (it exits at once), SIGKILL its group if it lingers, reap it."""
+        """Close its socket (it exits at once), SIGKILL its group if it lingers or is stuck, reap it."""
         self.control.close()
+        if self.broken:  # a stopped process does not read its socket's end
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         waiter = asyncio.ensure_future(self.proc.wait())
         try:
             try:
@@ -516,6 +587,7 @@ class ExtractorPool:
         self._growing = 0
         self._zygote: _Zygote | None = None
         self._zygote_lock = asyncio.Lock()
+        self._closing = False
 
     async def __aenter__(self) -> ExtractorPool:
         await self._group.__aenter__()
@@ -530,6 +602,7 @@ class ExtractorPool:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        self._closing = True  # a job still running when its worker is killed starts no other
         for task in list(self._replacing):
             task.cancel()
         try:
@@ -558,7 +631,7 @@ class ExtractorPool:
         """The running zygote, started again if it has died (the OOM killer, an operator's signal)."""
         async with self._zygote_lock:
             if self._zygote is not None and not self._zygote.alive:
-                log.warning("the extraction zygote died (exit status %s); starting another",
+                log.warning("the extraction zygote is gone or stuck (exit status %s); starting another",
                             self._zygote.proc.returncode)
                 dead, self._zygote = self._zygote, None
                 await dead.close()
@@ -575,8 +648,7 @@ class ExtractorPool:
             while worker.ended:  # it died idle (its zygote went, the OOM killer): cleared, and the next
                 self._all.discard(worker)
                 await worker.kill()
-                if len(self._all) + self._growing < self._warm:
-                    self._spawn()
+                self._top_up()
                 worker = await self._take()
         guard = worker.guard
         guard.blocked.clear()
@@ -590,8 +662,7 @@ class ExtractorPool:
             # a worker in the middle of a page is not reusable: it goes, a fresh one comes
             self._all.discard(worker)
             await worker.kill()
-            if len(self._all) + self._growing < self._warm:
-                self._spawn()
+            self._top_up()
             raise
         guard.set_deadline(None)
         self._idle.put_nowait(worker)
@@ -623,8 +694,18 @@ class ExtractorPool:
                 if getting.cancelled():  # nothing came free meanwhile: the start's error is the job's
                     raise started.exception()  # type: ignore[misc]
             return await getting
+        except BaseException:
+            # cancelled (the job's deadline, a shutdown) in the turn a worker came free: it goes back
+            if getting.done() and not getting.cancelled() and getting.exception() is None:
+                self._idle.put_nowait(getting.result())
+            raise
         finally:
             getting.cancel()  # a cancelled get leaves its item in the queue
+
+    def _top_up(self) -> None:
+        """Start a replacement while fewer than ``warm`` workers are left (not once the pool closes)."""
+        if not self._closing and len(self._all) + self._growing < self._warm:
+            self._spawn()
 
     def _spawn(self) -> asyncio.Future[None]:
         """Start one more worker in the pool's task group; it joins the idle ones when ready. The
@@ -657,10 +738,13 @@ class ExtractorPool:
         started.set_result(None)
 
     async def _start(self) -> _Process:
-        zygote = await self._zygote_up()
         guard = await self._make_guard().__aenter__()
         try:
-            pid, pidfd, sock = await zygote.fork(guard.proxy_url)
+            try:
+                pid, pidfd, sock = await (await self._zygote_up()).fork(guard.proxy_url)
+            except ZygoteGone:  # died before asyncio saw it, or stuck: once more with a new one
+                log.warning("the extraction zygote did not answer a fork; starting another")
+                pid, pidfd, sock = await (await self._zygote_up()).fork(guard.proxy_url)
         except BaseException:
             await guard.__aexit__(None, None, None)
             raise

@@ -365,15 +365,17 @@ def _worker_child(warm: _Warm, request: SpawnRequest, fd: int, *, zygote: int) -
 # --- the pool, in the converter
 
 
-async def _readable(fd: int) -> None:
-    """Wait until ``fd`` is readable (a socket with data or closed, a pidfd whose process ended)."""
+async def _readable(fd: int, *, write: bool = False) -> None:
+    """Wait until ``fd`` is readable (a socket with data or closed, a pidfd whose process ended), or
+    with ``write`` writable."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
     try:
         await ready
     finally:
-        loop.remove_reader(fd)
+        remove(fd)
 
 
 class _Process:
@@ -494,7 +496,7 @@ class _Zygote:
                     break
                 except BlockingIOError:  # the zygote is behind: wait until it reads again
                     async with asyncio.timeout(FORK_TIMEOUT):
-                        await _writable(self.control.fileno())
+                        await _readable(self.control.fileno(), write=True)
         except (OSError, TimeoutError):  # gone (EPIPE, ECONNRESET) or stuck: the caller starts another
             self.broken = True
             ours.close()
@@ -544,17 +546,6 @@ class _Zygote:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             await asyncio.wait([waiter])
             raise
-
-
-async def _writable(fd: int) -> None:
-    """Wait until ``fd`` can be written to."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
 
 
 class ExtractorPool:

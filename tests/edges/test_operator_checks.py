@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -233,11 +235,21 @@ async def test_check_reports_a_broker_that_refuses_the_user(amqp_url):
 
 
 async def test_check_passes_on_the_test_broker(amqp_url):
+    from tests.fixtures.broker import _local_vhost
     from tests.fixtures.broker import test_settings as settings_for
 
-    # the session's queues carry the test settings' arguments: the same settings find them compatible
-    results = await run_checks(settings_for(amqp_url=amqp_url), ["uploader"])
-    assert next(r for r in results if r.what.startswith("broker")).status is Status.OK
+    # a vhost of its own: other tests declare the session's queues with arguments of their own
+    vhost = await asyncio.to_thread(_local_vhost, f"ggt-check-{uuid.uuid4().hex[:8]}")
+    url = amqp_url.rsplit("/", 1)[0] + f"/{vhost}" if vhost else amqp_url
+    try:
+        # the first check declares the topology; the second finds it with the same arguments
+        for _ in range(2):
+            results = await run_checks(settings_for(amqp_url=url), ["uploader"])
+            assert next(r for r in results if r.what.startswith("broker")).status is Status.OK, results
+    finally:
+        if vhost:
+            await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "delete_vhost", vhost],
+                                    capture_output=True, timeout=60)
 
 
 # --------------------------------------------------------------- processes refuse to start

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from actors.adapters.ffmpeg import die_with_parent
 from actors.adapters.tools import ytdlp_js_runtimes
 from actors.guard.children import child_env
 from messages.errors import ErrorCode, JobError
@@ -73,7 +73,6 @@ ZYGOTE_EXIT_S = 5.0
 #: seconds a fork request may take to be read and answered with the worker's record (milliseconds
 #: normally): past it the zygote counts as stuck and is replaced
 FORK_TIMEOUT = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 class _YtdlpLog:
@@ -310,10 +309,6 @@ def zygote_main(argv: list[str]) -> None:
         os.close(fds[0])
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _children_die_with_worker() -> None:
     """Every process the worker starts (yt-dlp's Deno, an ``ffmpeg -version``) gets a parent-death
     signal: the kernel kills it when the worker dies, whoever killed the worker (the pool kills the
@@ -324,10 +319,10 @@ def _children_die_with_worker() -> None:
     def init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
         chosen = kwargs.get("preexec_fn")
         if chosen is None:
-            kwargs["preexec_fn"] = _die_with_parent
+            kwargs["preexec_fn"] = die_with_parent
         else:
             def both() -> None:
-                _die_with_parent()
+                die_with_parent()
                 chosen()
             kwargs["preexec_fn"] = both
         popen_init(self, *args, **kwargs)
@@ -339,7 +334,7 @@ def _worker_child(warm: _Warm, request: SpawnRequest, fd: int, *, zygote: int) -
     """In a fresh fork of the zygote: a group of its own, gone with the zygote, its pidfd to the pool,
     then one JSON line in, one JSON line out on the socket until the pool closes it."""
     os.setsid()  # the pool kills the group: yt-dlp's Deno children too
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != zygote:  # the zygote died before the line above
         os._exit(1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # yt-dlp waits for its own children
@@ -453,8 +448,6 @@ class _Zygote:
     async def start(cls, *, environ: Mapping[str, str], network_timeout: float, max_bytes: int,
                     levers: bytes) -> _Zygote:
         """Start it and wait until it is warm; raises RuntimeError when it does not get there."""
-        from actors.adapters.ffmpeg import die_with_parent
-
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = await asyncio.create_subprocess_exec(
